@@ -1,0 +1,221 @@
+"""Command-line configuration: the one source of truth for every hyperparameter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+# Flags that fix the shape of the network or of its input features; a trained model is always
+# evaluated with the values it was trained with.
+SHAPE_KEYS = ("tdsv", "sr", "nfft", "window", "hop", "n_mels", "tdsv_frame", "hidden", "proj",
+              "num_layer")
+
+
+def str2bool(value: str) -> bool:
+    """Parse True/False/yes/no/1/0 (any case); anything else is an argparse error."""
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "yes", "1", "t", "y"):
+        return True
+    if lowered in ("false", "no", "0", "f", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True/False/yes/no/1/0, got {value!r}")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 < number < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value!r}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All flags of the toolkit, with the original script set's names and defaults."""
+    parser = argparse.ArgumentParser(
+        description="GE2E speaker verification (Wan et al., ICASSP 2018) on TensorFlow 2.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--audio_path", type=str, default="",
+                      help="speaker tree <root>/<speaker>/**/<utt>.{wav,flac}; empty = build the "
+                           "embedded synthetic corpus")
+    data.add_argument("--synthetic_path", type=str, default="./data/synthetic",
+                      help="where the embedded synthetic corpus is written")
+    data.add_argument("--noise_path", type=str, default="",
+                      help="TD-SV noise: a folder of noise recordings, or of clean/noisy pairs "
+                           "(<name>_clean.wav beside <name>_noisy.wav); empty = generated noise")
+    data.add_argument("--train_path", type=str, default="./data/train",
+                      help="preprocessed training features")
+    data.add_argument("--test_path", type=str, default="./data/test",
+                      help="preprocessed test features")
+    data.add_argument("--test_ratio", type=_fraction, default=0.2,
+                      help="fraction of speakers held out for testing")
+    data.add_argument("--seed", type=int, default=0, help="seed for splits, batches and init")
+    data.add_argument("--tdsv", type=str2bool, default=False,
+                      help="text-dependent (True) or text-independent (False) verification")
+    data.add_argument("--tdsv_phrase", type=str, default="",
+                      help="TD-SV: keep utterances whose manifest.csv transcript equals this text")
+    data.add_argument("--tdsv_pattern", type=str, default="",
+                      help="TD-SV: keep utterances whose relative path matches this regex "
+                           "(e.g. '_001\\.' for VCTK's 'Please call Stella')")
+    data.add_argument("--workers", type=_positive_int, default=1,
+                      help="preprocessing processes (one speaker each at a time)")
+    data.add_argument("--min_utterances", type=_positive_int, default=2,
+                      help="speakers with fewer usable utterances are skipped")
+
+    features = parser.add_argument_group("features")
+    features.add_argument("--sr", type=_positive_int, default=16000, help="sample rate (Hz)")
+    features.add_argument("--nfft", type=_positive_int, default=512, help="FFT size")
+    features.add_argument("--window", type=_positive_float, default=0.025,
+                          help="window length (s)")
+    features.add_argument("--hop", type=_positive_float, default=0.01, help="hop length (s)")
+    features.add_argument("--n_mels", type=_positive_int, default=40, help="log-mel bands")
+    features.add_argument("--top_db", type=_positive_float, default=30.0,
+                          help="VAD: frames quieter than peak minus this are silence")
+    features.add_argument("--tdsv_frame", type=_positive_int, default=80,
+                          help="TD-SV utterance length (frames)")
+    features.add_argument("--tisv_frame", type=_positive_int, default=180,
+                          help="TI-SV: longest training partial utterance (frames)")
+    features.add_argument("--tisv_frame_min", type=_positive_int, default=140,
+                          help="TI-SV: shortest training partial utterance (frames)")
+    features.add_argument("--min_frames", type=_positive_int, default=40,
+                          help="utterances with fewer voiced frames are skipped")
+    features.add_argument("--window_frames", type=_positive_int, default=160,
+                          help="inference: sliding-window length (frames), 50%% overlap")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--hidden", type=_positive_int, default=128, help="LSTM cells per layer")
+    model.add_argument("--proj", type=_positive_int, default=64,
+                       help="projection size = d-vector size")
+    model.add_argument("--num_layer", type=_positive_int, default=3, help="LSTMP layers")
+    model.add_argument("--restore", type=str2bool, default=False,
+                       help="resume training from the last checkpoint in --model_path")
+    model.add_argument("--model_path", type=str, default="./tisv_model",
+                       help="checkpoints, config.json and TensorBoard logs")
+    model.add_argument("--model_num", type=_non_negative_int, default=0,
+                       help="test: checkpoint step to load (0 = latest)")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--train", type=str2bool, default=True,
+                          help="train (True) or test (False)")
+    training.add_argument("--N", type=_positive_int, default=4, help="speakers per batch")
+    training.add_argument("--M", type=_positive_int, default=5, help="utterances per speaker")
+    training.add_argument("--noise_filenum", type=_positive_int, default=16,
+                          help="TD-SV: noise clips kept for augmentation")
+    training.add_argument("--snr_db", type=float, nargs=2, default=(5.0, 20.0),
+                          metavar=("LOW", "HIGH"), help="TD-SV: noise SNR range (dB)")
+    training.add_argument("--loss", type=str, default="softmax", choices=("softmax", "contrast"),
+                          help="GE2E loss (eq. 6 or eq. 7)")
+    training.add_argument("--optim", type=str, default="sgd", choices=("sgd", "adam", "rmsprop"),
+                          help="optimizer")
+    training.add_argument("--lr", type=_positive_float, default=1e-2, help="learning rate")
+    training.add_argument("--lr_decay_every", type=_positive_int, default=10000,
+                          help="halve the learning rate every this many steps")
+    training.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
+    training.add_argument("--beta2", type=float, default=0.9, help="Adam beta2 / RMSProp rho")
+    training.add_argument("--clip_norm", type=_positive_float, default=3.0,
+                          help="global-norm gradient clipping")
+    training.add_argument("--iteration", type=_positive_int, default=3000,
+                          help="training steps")
+    training.add_argument("--save_every", type=_positive_int, default=500,
+                          help="checkpoint interval (steps)")
+    training.add_argument("--log_every", type=_positive_int, default=10,
+                          help="TensorBoard logging interval (steps)")
+    training.add_argument("--comment", type=str, default="", help="free text saved with the model")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--enroll_ratio", type=_fraction, default=0.5,
+                            help="test: fraction of each speaker's utterances used to enroll")
+    evaluation.add_argument("--draws", type=_positive_int, default=10,
+                            help="test: random enrollment/verification draws")
+    evaluation.add_argument("--results_path", type=str, default="./Results",
+                            help="where figures are written")
+    return parser
+
+
+def explicit_flags(argv: list[str] | None, parser: argparse.ArgumentParser) -> set[str]:
+    """Names of the flags the user typed (as opposed to defaults)."""
+    shadow = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            shadow.add_argument(*action.option_strings, dest=action.dest, nargs=action.nargs,
+                                type=str)
+    typed, _ = shadow.parse_known_args(argv)
+    return set(vars(typed))
+
+
+def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse argv into a config, validating flags that depend on each other."""
+    parser = build_parser()
+    config = parser.parse_args(argv)
+    config.explicit = sorted(explicit_flags(argv, parser))
+    if config.tisv_frame_min > config.tisv_frame:
+        parser.error("--tisv_frame_min must not exceed --tisv_frame")
+    if config.M < 2:
+        parser.error("--M must be at least 2 (GE2E needs exclusive centroids)")
+    if config.N < 2:
+        parser.error("--N must be at least 2 (GE2E contrasts speakers)")
+    if round(config.window * config.sr) > config.nfft:
+        parser.error(f"--window {config.window}s is {round(config.window * config.sr)} samples, "
+                     f"longer than --nfft {config.nfft}")
+    return config
+
+
+def config_to_dict(config: argparse.Namespace) -> dict:
+    """The config as a JSON-serialisable dict (run-time bookkeeping dropped)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()
+            if k != "explicit"}
+
+
+def save_config(config: argparse.Namespace, path: str | os.PathLike) -> None:
+    """Write the config as JSON atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read a config saved by save_config."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the saved config ({error})") from None
+
+
+def merge_saved_config(config: argparse.Namespace, saved: dict) -> argparse.Namespace:
+    """Take shape flags from the saved config; a conflicting flag typed by the user is an error."""
+    merged = argparse.Namespace(**vars(config))
+    explicit = set(getattr(config, "explicit", ()))
+    for key in SHAPE_KEYS:
+        if key not in saved:
+            continue
+        if key in explicit and getattr(config, key) != saved[key]:
+            raise ValueError(f"--{key} {getattr(config, key)} conflicts with the model's saved "
+                             f"config ({key}={saved[key]}); drop the flag or use another "
+                             f"--model_path")
+        setattr(merged, key, saved[key])
+    return merged

@@ -1,0 +1,325 @@
+"""Audio -> VAD -> log-mel features (TI-SV) or fixed-length phrase waveforms (TD-SV), per speaker.
+
+Run as `python data_preprocess.py [flags]`; with no --audio_path it builds and uses the embedded
+synthetic corpus. Each speaker is written atomically, so an interrupted run resumes where it
+stopped; bad files are skipped and counted with their reason in the split's manifest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import multiprocessing
+import re
+import sys
+from pathlib import Path
+
+import librosa
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+import configuration
+import synthetic_corpus
+import utils
+
+AUDIO_EXTENSIONS = (".wav", ".flac")
+LOG_FLOOR = 1e-6  # digital silence in the recordings must not give log(0)
+NOISE_SECONDS_PER_FILE = 30.0
+SYNTHETIC_PHRASE_PATTERN = r"phrase_\d+\.wav$"
+
+
+class AudioError(ValueError):
+    """A file that cannot be used, with the reason."""
+
+
+def feature_settings(config: argparse.Namespace) -> dict:
+    """The settings that determine the stored arrays; training and test check them."""
+    return {"kind": "tdsv" if config.tdsv else "tisv", "sr": config.sr, "nfft": config.nfft,
+            "window": config.window, "hop": config.hop, "n_mels": config.n_mels,
+            "top_db": config.top_db, "tdsv_frame": config.tdsv_frame,
+            "min_frames": config.min_frames, "tdsv_phrase": config.tdsv_phrase,
+            "tdsv_pattern": config.tdsv_pattern}
+
+
+def hop_samples(config: argparse.Namespace) -> int:
+    return int(round(config.hop * config.sr))
+
+
+def window_samples(config: argparse.Namespace) -> int:
+    return int(round(config.window * config.sr))
+
+
+def find_utterances(root: str | Path) -> dict[str, list[str]]:
+    """speaker -> sorted audio paths relative to root; the speaker is the first folder level."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--audio_path {root}: not a folder")
+    tree: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file():
+            relative = path.relative_to(root)
+            if len(relative.parts) >= 2:
+                tree.setdefault(relative.parts[0], []).append(relative.as_posix())
+    if not tree:
+        raise FileNotFoundError(f"--audio_path {root}: no <speaker>/**/*.wav or *.flac files")
+    return tree
+
+
+def read_transcripts(root: str | Path) -> dict[str, str]:
+    """path -> transcript from <root>/manifest.csv (columns path and text_if_known or text)."""
+    manifest = Path(root) / "manifest.csv"
+    if not manifest.exists():
+        return {}
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    column = next((c for c in ("text_if_known", "text", "transcript") if rows and c in rows[0]),
+                  None)
+    if column is None or "path" not in rows[0]:
+        return {}
+    return {row["path"]: row[column].strip() for row in rows}
+
+
+def select_phrase(tree: dict[str, list[str]], transcripts: dict[str, str], phrase: str,
+                  pattern: str) -> dict[str, list[str]]:
+    """Keep the TD-SV phrase's utterances: transcript equal to phrase and/or path matching pattern."""
+    regex = re.compile(pattern) if pattern else None
+    wanted = phrase.strip().lower()
+    if wanted and not transcripts:
+        raise ValueError("--tdsv_phrase needs a manifest.csv with path and text columns in "
+                         "--audio_path; use --tdsv_pattern to select by file name instead")
+    selected = {}
+    for speaker, paths in tree.items():
+        keep = [p for p in paths
+                if (not wanted or transcripts.get(p, "").lower() == wanted)
+                and (regex is None or regex.search(p))]
+        if keep:
+            selected[speaker] = keep
+    if not selected:
+        raise ValueError(f"no utterance matches --tdsv_phrase {phrase!r} / --tdsv_pattern "
+                         f"{pattern!r}")
+    return selected
+
+
+def load_audio(path: str | Path, sr: int) -> np.ndarray:
+    """Mono float32 waveform at sr: any channel count, sample format or rate; soxr resampling."""
+    try:
+        wav, file_sr = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as error:
+        raise AudioError(f"not readable audio ({str(error).splitlines()[0]})") from None
+    if wav.shape[0] == 0:
+        raise AudioError("no samples")
+    wav = wav.mean(axis=1)
+    if not np.all(np.isfinite(wav)):
+        raise AudioError("NaN or Inf samples")
+    if file_sr != sr:
+        wav = librosa.resample(wav, orig_sr=file_sr, target_sr=sr, res_type="soxr_hq")
+    if np.max(np.abs(wav)) < 1e-5:
+        raise AudioError("silent (peak below -100 dBFS)")
+    return wav.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def mel_basis(sr: int, nfft: int, n_mels: int) -> np.ndarray:
+    return librosa.filters.mel(sr=sr, n_fft=nfft, n_mels=n_mels).astype(np.float32)
+
+
+def log_mel(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
+    """log10 mel power spectrogram [..., frames, n_mels] of wav [..., samples] (original recipe)."""
+    spectrum = librosa.stft(wav, n_fft=config.nfft, hop_length=hop_samples(config),
+                            win_length=window_samples(config), center=True, pad_mode="constant")
+    power = spectrum.real ** 2 + spectrum.imag ** 2
+    mel = mel_basis(config.sr, config.nfft, config.n_mels) @ power
+    return np.swapaxes(np.log10(mel + LOG_FLOOR), -1, -2).astype(np.float32)
+
+
+def voiced_features(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
+    """Log-mel frames of the intervals that librosa's VAD (effects.split) keeps."""
+    hop = hop_samples(config)
+    features = log_mel(wav, config)
+    intervals = librosa.effects.split(wav, top_db=config.top_db, frame_length=config.nfft,
+                                      hop_length=hop)
+    keep = np.zeros(len(features), dtype=bool)
+    for start, end in intervals:
+        keep[start // hop:-(-end // hop)] = True
+    voiced = features[keep]
+    if len(voiced) < config.min_frames:
+        raise AudioError(f"only {len(voiced)} voiced frames (--min_frames {config.min_frames})")
+    return voiced
+
+
+def phrase_waveform(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
+    """The phrase trimmed by VAD, centred in a window of exactly --tdsv_frame frames."""
+    hop = hop_samples(config)
+    length = (config.tdsv_frame - 1) * hop
+    _, (start, end) = librosa.effects.trim(wav, top_db=config.top_db, frame_length=config.nfft,
+                                           hop_length=hop)
+    voiced = end - start
+    if voiced < config.min_frames * hop // 4:
+        raise AudioError(f"only {voiced} voiced samples")
+    centre = (start + end) // 2
+    lo = max(0, min(centre - length // 2, len(wav) - length))
+    segment = wav[lo:lo + length]
+    return np.pad(segment, (0, length - len(segment))).astype(np.float32)
+
+
+def split_speakers(speakers: list[str], test_ratio: float, seed: int
+                   ) -> tuple[list[str], list[str]]:
+    """Deterministic (seeded) speaker split into train and test; both get at least one speaker."""
+    if len(speakers) < 2:
+        raise ValueError(f"need at least 2 speakers to split into train and test, "
+                         f"found {len(speakers)}")
+    order = np.random.default_rng(seed).permutation(sorted(speakers))
+    n_test = min(max(1, int(round(test_ratio * len(speakers)))), len(speakers) - 1)
+    return sorted(order[n_test:].tolist()), sorted(order[:n_test].tolist())
+
+
+def _speaker_job(job: tuple) -> tuple[str, bool, list[dict]]:
+    """Process one speaker into out_dir (skipped if already complete). Returns (speaker, usable,
+    skipped files)."""
+    root, speaker, paths, out_dir, config = job
+    out_dir = Path(out_dir)
+    settings = feature_settings(config)
+    sidecar = out_dir / f"{speaker}.json"
+    if sidecar.exists():
+        done = configuration.load_config(sidecar)
+        if done.get("settings") == settings and done.get("paths") == paths:
+            return speaker, bool(done["utterances"]), done["skipped"]
+    arrays, kept, skipped = [], [], []
+    for relative in paths:
+        try:
+            wav = load_audio(Path(root) / relative, config.sr)
+            arrays.append(phrase_waveform(wav, config) if config.tdsv
+                          else voiced_features(wav, config))
+            kept.append(relative)
+        except AudioError as error:
+            skipped.append({"path": relative, "reason": str(error)})
+    usable = len(kept) >= config.min_utterances
+    if not usable:
+        skipped.append({"path": speaker, "reason": f"speaker has {len(kept)} usable utterances "
+                                                   f"(--min_utterances {config.min_utterances})"})
+        kept, arrays = [], []
+    else:
+        stacked = np.stack(arrays) if config.tdsv else np.concatenate(arrays)
+        utils.atomic_save_npy(out_dir / f"{speaker}.npy", stacked)
+    utils.atomic_save_json(sidecar, {
+        "settings": settings, "paths": paths, "utterances": kept, "skipped": skipped,
+        "lengths": [len(a) for a in arrays]})
+    return speaker, usable, skipped
+
+
+def find_noise_files(noise_path: str | Path) -> list[tuple[Path, Path | None]]:
+    """(noise or noisy file, clean partner or None) for every audio file under noise_path."""
+    files = sorted(p for p in Path(noise_path).rglob("*")
+                   if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"--noise_path {noise_path}: no .wav or .flac files")
+    by_name = {p.name: p for p in files}
+    found = []
+    for path in files:
+        if "_clean" in path.stem:
+            continue
+        clean = by_name.get(path.name.replace("_noisy", "_clean")) if "_noisy" in path.stem \
+            else None
+        found.append((path, clean))
+    return found
+
+
+def build_noise(config: argparse.Namespace) -> tuple[np.ndarray, list[dict]]:
+    """One RMS-normalised noise stream from --noise_path: noise files, or noisy minus clean."""
+    pieces, skipped = [], []
+    limit = int(NOISE_SECONDS_PER_FILE * config.sr)
+    for noisy, clean in find_noise_files(config.noise_path)[:config.noise_filenum]:
+        try:
+            noise = load_audio(noisy, config.sr)
+            if clean is not None:
+                reference = load_audio(clean, config.sr)
+                n = min(len(noise), len(reference))
+                noise = noise[:n] - reference[:n]
+            noise = noise[:limit]
+            rms = float(np.sqrt(np.mean(noise ** 2)))
+            if rms < 1e-6:
+                raise AudioError("noisy and clean files are identical")
+            pieces.append(noise / rms)
+        except AudioError as error:
+            skipped.append({"path": str(noisy), "reason": str(error)})
+    if not pieces:
+        raise ValueError(f"--noise_path {config.noise_path}: no usable noise file")
+    return np.concatenate(pieces).astype(np.float32), skipped
+
+
+def preprocess(config: argparse.Namespace) -> dict:
+    """Preprocess --audio_path (or the synthetic corpus) into --train_path and --test_path."""
+    root = config.audio_path
+    if not root:
+        root = synthetic_corpus.build(config.synthetic_path, sr=config.sr, seed=config.seed)
+        if config.tdsv and not (config.tdsv_phrase or config.tdsv_pattern):
+            config.tdsv_pattern = SYNTHETIC_PHRASE_PATTERN
+    tree = find_utterances(root)
+    if config.tdsv:
+        if not (config.tdsv_phrase or config.tdsv_pattern):
+            raise ValueError("--tdsv True needs --tdsv_phrase or --tdsv_pattern to pick the phrase")
+        tree = select_phrase(tree, read_transcripts(root), config.tdsv_phrase, config.tdsv_pattern)
+    train_speakers, test_speakers = split_speakers(list(tree), config.test_ratio, config.seed)
+
+    summary = {"source": str(Path(root).resolve()), "settings": feature_settings(config)}
+    for split, speakers, out_dir in (("train", train_speakers, config.train_path),
+                                     ("test", test_speakers, config.test_path)):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        jobs = [(root, s, tree[s], out_dir, config) for s in speakers]
+        usable, skipped = [], []
+        with multiprocessing.get_context("spawn").Pool(config.workers) if config.workers > 1 \
+                else _Serial() as pool:
+            for speaker, ok, bad in tqdm(pool.imap_unordered(_speaker_job, jobs), total=len(jobs),
+                                         desc=f"preprocess {split}", unit="speaker",
+                                         dynamic_ncols=True):
+                if ok:
+                    usable.append(speaker)
+                skipped.extend(bad)
+        manifest = {"settings": feature_settings(config), "source": summary["source"],
+                    "split": split, "speakers": sorted(usable), "skipped": skipped}
+        if split == "train" and config.tdsv and config.noise_path:
+            noise, bad_noise = build_noise(config)
+            utils.atomic_save_npy(Path(out_dir) / "noise.npy", noise)
+            manifest["noise_seconds"] = len(noise) / config.sr
+            manifest["skipped"].extend(bad_noise)
+        utils.atomic_save_json(Path(out_dir) / "manifest.json", manifest)
+        n_files = sum(len(tree[s]) for s in speakers)
+        print(f"{split}: {len(usable)} speakers written to {out_dir}, "
+              f"{len(skipped)} files/speakers skipped of {n_files} files "
+              f"(reasons in {Path(out_dir) / 'manifest.json'})")
+        summary[split] = manifest
+    return summary
+
+
+class _Serial:
+    """Stand-in for multiprocessing.Pool when --workers 1: same interface, no processes."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    @staticmethod
+    def imap_unordered(function, jobs):
+        return map(function, jobs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = configuration.parse_config(argv)
+    try:
+        summary = preprocess(config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not summary["train"]["speakers"] or not summary["test"]["speakers"]:
+        print("error: nothing usable was left after skipping bad files (see the manifests)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

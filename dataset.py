@@ -1,0 +1,144 @@
+"""Preprocessed speakers on disk (memory-mapped) and the N x M batches GE2E trains on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import scipy.signal
+import tensorflow as tf
+
+import data_preprocess
+
+# Settings that must agree between the stored arrays and the model that reads them.
+CHECKED_SETTINGS = ("sr", "nfft", "window", "hop", "n_mels", "tdsv_frame")
+
+
+class SpeakerStore:
+    """Per-speaker arrays of one split, memory-mapped; only utterance offsets are kept in RAM."""
+
+    def __init__(self, path: Path, manifest: dict, config: argparse.Namespace):
+        self.path = path
+        self.config = config
+        self.tdsv = manifest["settings"]["kind"] == "tdsv"
+        self.speakers: list[str] = manifest["speakers"]
+        self.offsets: dict[str, np.ndarray] = {}
+        for speaker in self.speakers:
+            sidecar = json.loads((path / f"{speaker}.json").read_text())
+            self.offsets[speaker] = np.concatenate([[0], np.cumsum(sidecar["lengths"])])
+        self._arrays: dict[str, np.ndarray] = {}
+        noise = path / "noise.npy"
+        self.noise = np.load(noise, mmap_mode="r", allow_pickle=False) if noise.exists() else None
+
+    @property
+    def num_speakers(self) -> int:
+        return len(self.speakers)
+
+    def num_utterances(self, speaker: str) -> int:
+        return len(self.offsets[speaker]) - 1
+
+    def array(self, speaker: str) -> np.ndarray:
+        if speaker not in self._arrays:
+            file = self.path / f"{speaker}.npy"
+            try:
+                self._arrays[speaker] = np.load(file, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{file}: unreadable ({error}); re-run data_preprocess.py"
+                                 ) from None
+        return self._arrays[speaker]
+
+    def utterance(self, speaker: str, index: int) -> np.ndarray:
+        """TI-SV: the utterance's voiced log-mel frames; TD-SV: its phrase waveform."""
+        if self.tdsv:
+            return self.array(speaker)[index]
+        lo, hi = self.offsets[speaker][index], self.offsets[speaker][index + 1]
+        return self.array(speaker)[lo:hi]
+
+    def test_utterances(self, speaker: str) -> list[np.ndarray]:
+        """Clean log-mel frames of every utterance of a speaker."""
+        if self.tdsv:
+            return list(data_preprocess.log_mel(np.asarray(self.array(speaker)), self.config))
+        return [np.asarray(self.utterance(speaker, i)) for i in range(self.num_utterances(speaker))]
+
+
+def open_store(path: str, config: argparse.Namespace, split: str) -> SpeakerStore:
+    """Open a preprocessed split, checking its feature settings against the config."""
+    path = Path(path)
+    manifest_file = path / "manifest.json"
+    if not manifest_file.exists():
+        raise ValueError(f"{manifest_file} not found; run python data_preprocess.py first "
+                         f"(or point --{split}_path at preprocessed features)")
+    manifest = json.loads(manifest_file.read_text())
+    settings = manifest["settings"]
+    expected_kind = "tdsv" if config.tdsv else "tisv"
+    if settings["kind"] != expected_kind:
+        raise ValueError(f"{path} holds {settings['kind']} data but --tdsv is {config.tdsv}")
+    for key in CHECKED_SETTINGS:
+        if settings[key] != getattr(config, key):
+            raise ValueError(f"{path} was preprocessed with {key}={settings[key]} but --{key} is "
+                             f"{getattr(config, key)}; re-run data_preprocess.py or fix the flag")
+    if len(manifest["speakers"]) < 2:
+        raise ValueError(f"{path}: {len(manifest['speakers'])} usable speakers; need at least 2")
+    return SpeakerStore(path, manifest, config)
+
+
+def _crop(frames: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
+    """A random window of exactly length frames; a shorter utterance is repeated cyclically."""
+    if len(frames) >= length:
+        start = rng.integers(0, len(frames) - length + 1)
+        return frames[start:start + length]
+    return np.take(frames, np.arange(length) + rng.integers(0, len(frames)), axis=0, mode="wrap")
+
+
+def _noise(store: SpeakerStore, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Unit-RMS noise clips: random cuts of the stored noise, else tilted Gaussian noise."""
+    count, length = shape
+    if store.noise is not None and len(store.noise) > length:
+        starts = rng.integers(0, len(store.noise) - length, count)
+        clips = np.stack([store.noise[s:s + length] for s in starts])
+    else:
+        white = rng.standard_normal(shape)
+        tilts = rng.uniform(0.0, 0.95, count)  # one-pole low-pass: from white to brown-ish noise
+        clips = np.stack([scipy.signal.lfilter([1.0], [1.0, -a], row)
+                          for a, row in zip(tilts, white)])
+    return clips / np.maximum(np.sqrt(np.mean(clips ** 2, axis=1, keepdims=True)), 1e-8)
+
+
+def sample_batch(store: SpeakerStore, config: argparse.Namespace, step: int) -> np.ndarray:
+    """Batch `step` of training: N speakers x M utterances, speaker-major, [N*M, T, n_mels].
+
+    Seeded by (seed, step), so a resumed run sees exactly the batches of an uninterrupted one.
+    """
+    rng = np.random.default_rng([config.seed, step])
+    speakers = rng.choice(store.num_speakers, config.N, replace=False)
+    picks = []
+    for s in speakers:
+        speaker = store.speakers[s]
+        count = store.num_utterances(speaker)
+        picks.extend((speaker, u) for u in rng.choice(count, config.M, replace=count < config.M))
+    if store.tdsv:
+        clean = np.stack([store.utterance(s, u) for s, u in picks]).astype(np.float32)
+        rms = np.sqrt(np.mean(clean ** 2, axis=1, keepdims=True))
+        snr = rng.uniform(*config.snr_db, (len(picks), 1))
+        noisy = clean + _noise(store, clean.shape, rng) * rms * 10.0 ** (-snr / 20.0)
+        return data_preprocess.log_mel(noisy.astype(np.float32), config)
+    length = int(rng.integers(config.tisv_frame_min, config.tisv_frame + 1))
+    return np.stack([_crop(store.utterance(s, u), length, rng) for s, u in picks]
+                    ).astype(np.float32)
+
+
+def training_batches(store: SpeakerStore, config: argparse.Namespace, start_step: int
+                     ) -> tf.data.Dataset:
+    """Batches start_step+1 .. iteration, assembled in parallel and prefetched by tf.data."""
+    def make(step):
+        return sample_batch(store, config, int(step))
+
+    def as_tensor(step):
+        batch = tf.numpy_function(make, [step], tf.float32, stateful=False)
+        return tf.ensure_shape(batch, [config.N * config.M, None, config.n_mels])
+
+    steps = tf.data.Dataset.range(start_step + 1, config.iteration + 1)
+    return steps.map(as_tensor, num_parallel_calls=tf.data.AUTOTUNE,
+                     deterministic=True).prefetch(tf.data.AUTOTUNE)

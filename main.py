@@ -1,0 +1,26 @@
+"""Entry point: `python main.py --train True` trains, `python main.py --train False` tests."""
+
+from __future__ import annotations
+
+import sys
+
+import configuration
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = configuration.parse_config(argv)
+    import model  # TensorFlow loads only after the flags are known to be valid
+
+    try:
+        if config.train:
+            model.train(config)
+        else:
+            model.test(config)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

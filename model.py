@@ -1,0 +1,383 @@
+"""The d-vector network (3-layer LSTMP), its GE2E training loop and its evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+import configuration
+import dataset
+import plots
+import utils
+
+
+def centroids(embeddings: tf.Tensor) -> tf.Tensor:
+    """Speaker centroids c_k, the mean of each speaker's M embeddings (eq. 1). [N,M,P] -> [N,P]."""
+    return tf.reduce_mean(embeddings, axis=1)
+
+
+def exclusive_centroids(embeddings: tf.Tensor) -> tf.Tensor:
+    """c_j^(-i): centroid of speaker j without utterance i (eq. 8). [N,M,P] -> [N,M,P]."""
+    m = tf.cast(tf.shape(embeddings)[1], embeddings.dtype)
+    total = tf.reduce_sum(embeddings, axis=1, keepdims=True)
+    return (total - embeddings) / (m - 1.0)
+
+
+def _cosine(a: tf.Tensor, b: tf.Tensor, axis: int = -1) -> tf.Tensor:
+    a = tf.math.l2_normalize(a, axis=axis, epsilon=1e-12)
+    b = tf.math.l2_normalize(b, axis=axis, epsilon=1e-12)
+    return tf.reduce_sum(a * b, axis=axis)
+
+
+def similarity_matrix(embeddings: tf.Tensor, w: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """S_ji,k = w cos(e_ji, c_k) + b, with c_j^(-i) for k = j (eqs. 5, 9). [N,M,P] -> [N,M,N]."""
+    n = tf.shape(embeddings)[0]
+    centroid = tf.math.l2_normalize(centroids(embeddings), axis=-1, epsilon=1e-12)
+    unit = tf.math.l2_normalize(embeddings, axis=-1, epsilon=1e-12)
+    cos_all = tf.einsum("jip,kp->jik", unit, centroid)
+    cos_own = _cosine(embeddings, exclusive_centroids(embeddings))
+    own = tf.eye(n, dtype=tf.bool)[:, None, :]
+    cos = tf.where(own, cos_own[:, :, None], cos_all)
+    return w * cos + b
+
+
+def ge2e_softmax_loss(similarity: tf.Tensor) -> tf.Tensor:
+    """Sum over utterances of -S_ji,j + log sum_k exp(S_ji,k) (eqs. 6, 10)."""
+    n = tf.shape(similarity)[0]
+    own = tf.eye(n, dtype=similarity.dtype)[:, None, :]
+    positive = tf.reduce_sum(similarity * own, axis=-1)
+    return tf.reduce_sum(tf.reduce_logsumexp(similarity, axis=-1) - positive)
+
+
+def ge2e_contrast_loss(similarity: tf.Tensor) -> tf.Tensor:
+    """Sum over utterances of 1 - sigma(S_ji,j) + max_{k!=j} sigma(S_ji,k) (eqs. 7, 10)."""
+    n = tf.shape(similarity)[0]
+    own = tf.eye(n, dtype=tf.bool)[:, None, :]
+    sigma = tf.sigmoid(similarity)
+    positive = tf.reduce_sum(tf.where(own, sigma, tf.zeros_like(sigma)), axis=-1)
+    hardest_negative = tf.reduce_max(tf.where(own, tf.zeros_like(sigma), sigma), axis=-1)
+    return tf.reduce_sum(1.0 - positive + hardest_negative)
+
+
+def ge2e_loss(embeddings: tf.Tensor, w: tf.Tensor, b: tf.Tensor, kind: str = "softmax"
+              ) -> tf.Tensor:
+    """GE2E loss of a batch of embeddings [N,M,P]; kind is 'softmax' or 'contrast'."""
+    similarity = similarity_matrix(embeddings, w, b)
+    if kind == "softmax":
+        return ge2e_softmax_loss(similarity)
+    if kind == "contrast":
+        return ge2e_contrast_loss(similarity)
+    raise ValueError(f"--loss: expected 'softmax' or 'contrast', got {kind!r}")
+
+
+
+class LSTMPCell(keras.layers.Layer):
+    """TF1 LSTMCell(num_proj=...): gates i, j, f, o from [x_t, h_{t-1}]; h_t = (o * tanh c_t) W_p."""
+
+    def __init__(self, units: int, proj_units: int, forget_bias: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.proj_units = proj_units
+        self.forget_bias = forget_bias
+        self.state_size = [proj_units, units]
+        self.output_size = proj_units
+
+    def build(self, input_shape) -> None:
+        input_dim = input_shape[-1]
+        self.kernel = self.add_weight(name="kernel", initializer="glorot_uniform",
+                                      shape=(input_dim + self.proj_units, 4 * self.units))
+        self.bias = self.add_weight(name="bias", initializer="zeros", shape=(4 * self.units,))
+        self.projection = self.add_weight(name="projection", initializer="glorot_uniform",
+                                          shape=(self.units, self.proj_units))
+
+    def call(self, inputs, states):
+        h_prev, c_prev = states
+        gates = tf.matmul(tf.concat([inputs, h_prev], axis=-1), self.kernel) + self.bias
+        i, j, f, o = tf.split(gates, 4, axis=-1)
+        c = tf.sigmoid(f + self.forget_bias) * c_prev + tf.sigmoid(i) * tf.tanh(j)
+        h = tf.matmul(tf.sigmoid(o) * tf.tanh(c), self.projection)
+        return h, [h, c]
+
+
+class SpeakerEncoder(keras.Model):
+    """Log-mel frames [B,T,n_mels] -> d-vectors [B,proj]: stacked LSTMP, last frame, L2-normalised."""
+
+    def __init__(self, hidden: int, proj: int, num_layer: int, **kwargs):
+        super().__init__(**kwargs)
+        self.rnns = [keras.layers.RNN(LSTMPCell(hidden, proj),
+                                      return_sequences=layer < num_layer - 1)
+                     for layer in range(num_layer)]
+
+    def call(self, features):
+        x = features
+        for rnn in self.rnns:
+            x = rnn(x)
+        return tf.math.l2_normalize(x, axis=-1, epsilon=1e-12)
+
+
+class GE2EScale(keras.layers.Layer):
+    """The learned scale w (kept positive, as the paper requires) and bias b of eq. 5."""
+
+    def build(self, input_shape=None) -> None:
+        self.w = self.add_weight(name="w", shape=(), initializer=keras.initializers.Constant(10.0))
+        self.b = self.add_weight(name="b", shape=(), initializer=keras.initializers.Constant(-5.0))
+
+    def call(self, inputs=None):
+        return tf.abs(self.w), self.b
+
+
+def build_model(config: argparse.Namespace) -> tuple[SpeakerEncoder, GE2EScale]:
+    """The encoder and the GE2E scale, built (weights created) for config's feature size."""
+    encoder = SpeakerEncoder(config.hidden, config.proj, config.num_layer)
+    encoder(tf.zeros((1, 2, config.n_mels)))
+    scale = GE2EScale()
+    scale.build()
+    return encoder, scale
+
+
+def build_optimizer(config: argparse.Namespace) -> keras.optimizers.Optimizer:
+    """SGD/Adam/RMSProp with the learning rate halved every --lr_decay_every steps."""
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        config.lr, decay_steps=config.lr_decay_every, decay_rate=0.5, staircase=True)
+    if config.optim == "sgd":
+        return keras.optimizers.SGD(schedule)
+    if config.optim == "adam":
+        return keras.optimizers.Adam(schedule, beta_1=config.beta1, beta_2=config.beta2)
+    return keras.optimizers.RMSprop(schedule, rho=config.beta2)
+
+
+def make_train_step(encoder: SpeakerEncoder, scale: GE2EScale,
+                    optimizer: keras.optimizers.Optimizer, config: argparse.Namespace):
+    """A compiled GE2E step: loss, global-norm clipping, w/b gradients scaled by 0.01."""
+    n, m = config.N, config.M
+    variables = list(scale.trainable_variables) + list(encoder.trainable_variables)
+    n_scale = len(scale.trainable_variables)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, config.n_mels], tf.float32)])
+    def train_step(features):
+        with tf.GradientTape() as tape:
+            d_vectors = encoder(features, training=True)
+            w, b = scale()
+            embeddings = tf.reshape(d_vectors, (n, m, -1))
+            loss = ge2e_loss(embeddings, w, b, config.loss)
+        grads = tape.gradient(loss, variables)
+        grads, norm = tf.clip_by_global_norm(grads, config.clip_norm)
+        grads = [0.01 * g for g in grads[:n_scale]] + list(grads[n_scale:])
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss, norm
+
+    return train_step
+
+
+def _checkpoint(encoder, scale, optimizer=None) -> tf.train.Checkpoint:
+    objects = {"encoder": encoder, "scale": scale}
+    if optimizer is not None:
+        objects["optimizer"] = optimizer
+    return tf.train.Checkpoint(**objects)
+
+
+def _set_seeds(seed: int) -> None:
+    keras.utils.set_random_seed(seed)
+
+
+def train(config: argparse.Namespace) -> dict:
+    """Train with GE2E; resumable with --restore True. Returns a summary of the run."""
+    model_path = Path(config.model_path)
+    store = dataset.open_store(config.train_path, config, "train")
+    if config.N > store.num_speakers:
+        raise ValueError(f"--N {config.N} exceeds the {store.num_speakers} training speakers in "
+                         f"{config.train_path}")
+
+    if config.restore:
+        saved = configuration.load_config(model_path / "config.json")
+        config = configuration.merge_saved_config(config, saved)
+    elif (model_path / "checkpoints").exists():
+        backup = model_path.with_name(f"{model_path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(model_path), str(backup))
+        print(f"{model_path} held an earlier model; moved it to {backup} (use --restore True "
+              f"to resume instead)")
+
+    _set_seeds(config.seed)
+    encoder, scale = build_model(config)
+    optimizer = build_optimizer(config)
+    optimizer.build(list(scale.trainable_variables) + list(encoder.trainable_variables))
+    checkpoint = _checkpoint(encoder, scale, optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, model_path / "checkpoints", max_to_keep=3)
+    if config.restore:
+        if manager.latest_checkpoint is None:
+            raise ValueError(f"--restore True but {model_path / 'checkpoints'} holds no checkpoint")
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    configuration.save_config(config, model_path / "config.json")
+
+    step = int(optimizer.iterations.numpy())
+    if step >= config.iteration:
+        print(f"already trained {step} steps (--iteration {config.iteration}); nothing to do")
+        return {"steps": step, "final_loss": float("nan"), "seconds": 0.0}
+
+    train_step = make_train_step(encoder, scale, optimizer, config)
+    batches = dataset.training_batches(store, config, start_step=step)
+    writer = tf.summary.create_file_writer(str(model_path / "logs"))
+    started = time.time()
+    running = None
+    losses = []
+    with writer.as_default(), tqdm(total=config.iteration, initial=step, unit="step",
+                                   desc="train", dynamic_ncols=True) as bar:
+        for features in batches:
+            loss, _ = train_step(features)
+            step += 1
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss} at step {step}; the last good checkpoint is "
+                    f"{manager.latest_checkpoint or 'none'} (try a lower --lr)")
+            losses.append(loss)
+            running = loss if running is None else 0.95 * running + 0.05 * loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.3f}")
+            if step % config.log_every == 0 or step == config.iteration:
+                w, b = scale()
+                tf.summary.scalar("loss", loss, step=step)
+                tf.summary.scalar("w", w, step=step)
+                tf.summary.scalar("b", b, step=step)
+                tf.summary.scalar("lr", optimizer.learning_rate, step=step)
+            if step % config.save_every == 0 or step == config.iteration:
+                manager.save(checkpoint_number=step)
+            if step >= config.iteration:
+                break
+    seconds = time.time() - started
+    print(f"trained to step {step} in {seconds:.0f} s; loss {running:.4f}; "
+          f"checkpoint {manager.latest_checkpoint}")
+    return {"steps": step, "final_loss": running, "seconds": seconds, "losses": losses}
+
+
+def load_trained(config: argparse.Namespace) -> tuple[argparse.Namespace, SpeakerEncoder]:
+    """Config merged with the model's saved one, and the encoder restored from its checkpoint."""
+    model_path = Path(config.model_path)
+    if not (model_path / "config.json").exists():
+        raise ValueError(f"{model_path}: no config.json; train a model there first "
+                         f"(python main.py --train True --model_path {model_path})")
+    config = configuration.merge_saved_config(
+        config, configuration.load_config(model_path / "config.json"))
+    encoder, scale = build_model(config)
+    checkpoint_dir = model_path / "checkpoints"
+    if config.model_num:
+        path = str(checkpoint_dir / f"ckpt-{config.model_num}")
+        if not Path(path + ".index").exists():
+            raise ValueError(f"--model_num {config.model_num}: no checkpoint {path}")
+    else:
+        path = tf.train.latest_checkpoint(checkpoint_dir)
+        if path is None:
+            raise ValueError(f"{checkpoint_dir}: no checkpoint found")
+    try:
+        _checkpoint(encoder, scale).restore(path).expect_partial().assert_existing_objects_matched()
+    except (tf.errors.OpError, AssertionError, ValueError) as error:
+        raise ValueError(f"{path}: cannot restore checkpoint ({str(error).splitlines()[0]})"
+                         ) from None
+    return config, encoder
+
+
+def make_embedder(encoder: SpeakerEncoder, n_mels: int):
+    """A compiled function from a batch of windows [B,T,n_mels] to d-vectors [B,P]."""
+    return tf.function(lambda x: encoder(x, training=False),
+                       input_signature=[tf.TensorSpec([None, None, n_mels], tf.float32)])
+
+
+def utterance_d_vectors(embed, utterances: list[np.ndarray], window: int,
+                        batch_size: int = 256) -> np.ndarray:
+    """Paper's inference: d-vectors of 50%-overlapping windows, averaged, L2-normalised. [U,P]."""
+    windows, owner, short = [], [], []
+    for u, frames in enumerate(utterances):
+        if len(frames) < window:
+            short.append(u)
+            continue
+        for start in utils.window_starts(len(frames), window):
+            windows.append(frames[start:start + window])
+            owner.append(u)
+    pooled: list[np.ndarray | None] = [None] * len(utterances)
+    sums: dict[int, np.ndarray] = {}
+    for lo in range(0, len(windows), batch_size):
+        out = embed(np.stack(windows[lo:lo + batch_size]).astype(np.float32)).numpy()
+        for u, vector in zip(owner[lo:lo + batch_size], out):
+            sums[u] = sums.get(u, 0.0) + vector
+    for u, total in sums.items():
+        pooled[u] = total
+    by_length: dict[int, list[int]] = {}
+    for u in short:
+        by_length.setdefault(len(utterances[u]), []).append(u)
+    for indices in by_length.values():
+        for lo in range(0, len(indices), batch_size):
+            chunk = indices[lo:lo + batch_size]
+            out = embed(np.stack([utterances[u] for u in chunk]).astype(np.float32)).numpy()
+            for u, vector in zip(chunk, out):
+                pooled[u] = vector
+    stacked = np.stack(pooled).astype(np.float32)
+    return stacked / np.maximum(np.linalg.norm(stacked, axis=1, keepdims=True), 1e-12)
+
+
+def speaker_model(d_vectors: np.ndarray) -> np.ndarray:
+    """A speaker's enrollment model: the L2-normalised mean of its d-vectors."""
+    mean = d_vectors.mean(axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+
+def verification_draw(d_vectors: dict[str, np.ndarray], enroll_ratio: float,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One random enrollment/verification split per speaker; returns scores [V,S] and labels [V]."""
+    speakers = sorted(d_vectors)
+    models, tests, labels = [], [], []
+    for s, speaker in enumerate(speakers):
+        vectors = d_vectors[speaker]
+        order = rng.permutation(len(vectors))
+        n_enroll = min(max(1, int(round(enroll_ratio * len(vectors)))), len(vectors) - 1)
+        models.append(speaker_model(vectors[order[:n_enroll]]))
+        tests.append(vectors[order[n_enroll:]])
+        labels.extend([s] * (len(vectors) - n_enroll))
+    return np.concatenate(tests) @ np.stack(models).T, np.asarray(labels)
+
+
+def test(config: argparse.Namespace) -> dict:
+    """EER over every test speaker, mean +/- std over random enrollment/verification draws."""
+    config, encoder = load_trained(config)
+    store = dataset.open_store(config.test_path, config, "test")
+    embed = make_embedder(encoder, config.n_mels)
+    utterances = {s: store.test_utterances(s) for s in store.speakers}
+    d_vectors = {}
+    for speaker in tqdm(store.speakers, desc="embed", unit="speaker", dynamic_ncols=True):
+        d_vectors[speaker] = utterance_d_vectors(embed, utterances[speaker], config.window_frames)
+
+    rng = np.random.default_rng(config.seed)
+    eers, first = [], None
+    for _ in range(config.draws):
+        scores, labels = verification_draw(d_vectors, config.enroll_ratio, rng)
+        target = scores[np.arange(len(labels)), labels]
+        nontarget = scores[np.arange(scores.shape[1])[None, :] != labels[:, None]]
+        eer, threshold = utils.equal_error_rate(target, nontarget)
+        eers.append(eer)
+        if first is None:
+            far = float(np.mean(nontarget >= threshold))
+            frr = float(np.mean(target < threshold))
+            first = {"scores": scores, "labels": labels, "eer": eer, "threshold": threshold,
+                     "far": far, "frr": frr}
+    mean, std = float(np.mean(eers)), float(np.std(eers))
+    mode = "TD-SV" if config.tdsv else "TI-SV"
+    n_trials = first["scores"].size
+    print(f"{mode} EER {100 * mean:.2f}% +/- {100 * std:.2f} over {config.draws} draws, "
+          f"{len(store.speakers)} test speakers, {n_trials} trials per draw")
+    print(f"draw 1: EER {100 * first['eer']:.2f}% at threshold {first['threshold']:.4f} "
+          f"(FAR {100 * first['far']:.2f}%, FRR {100 * first['frr']:.2f}%)")
+    result = {"mode": mode, "eer_mean": mean, "eer_std": std, "eers": eers,
+              "threshold": first["threshold"], "speakers": len(store.speakers),
+              "trials_per_draw": int(n_trials)}
+    utils.atomic_save_json(Path(config.model_path) / "evaluation.json", result)
+    figure = plots.similarity_matrix_figure(first["scores"], first["labels"], store.speakers,
+                                            Path(config.results_path), mode)
+    print(f"wrote {figure}")
+    return result

@@ -1,0 +1,95 @@
+"""Verification metrics, score normalisation, sliding windows and atomic file writes (numpy only)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def error_rates(target_scores: np.ndarray, nontarget_scores: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FAR and FRR when accepting scores >= each distinct score (plus +inf). Returns thr, far, frr."""
+    target = np.asarray(target_scores, dtype=np.float64).ravel()
+    nontarget = np.asarray(nontarget_scores, dtype=np.float64).ravel()
+    if target.size == 0 or nontarget.size == 0:
+        raise ValueError("EER needs at least one target and one nontarget score")
+    if not (np.all(np.isfinite(target)) and np.all(np.isfinite(nontarget))):
+        raise ValueError("scores must be finite")
+    thresholds = np.append(np.unique(np.concatenate([target, nontarget])), np.inf)
+    target_sorted = np.sort(target)
+    nontarget_sorted = np.sort(nontarget)
+    frr = np.searchsorted(target_sorted, thresholds, side="left") / target.size
+    far = 1.0 - np.searchsorted(nontarget_sorted, thresholds, side="left") / nontarget.size
+    return thresholds, far, frr
+
+
+def equal_error_rate(target_scores: np.ndarray, nontarget_scores: np.ndarray
+                     ) -> tuple[float, float]:
+    """EER and its threshold, interpolated linearly where FAR and FRR cross (NIST convention)."""
+    thresholds, far, frr = error_rates(target_scores, nontarget_scores)
+    # far falls and frr rises with the threshold; find the first point where frr >= far.
+    i = int(np.argmax(frr >= far))
+    if i == 0:
+        return float(frr[0] + far[0]) / 2.0, float(thresholds[0])
+    d_prev = far[i - 1] - frr[i - 1]
+    d_here = far[i] - frr[i]
+    alpha = d_prev / (d_prev - d_here)
+    eer = far[i - 1] + alpha * (far[i] - far[i - 1])
+    t_here = thresholds[i] if np.isfinite(thresholds[i]) else thresholds[i - 1]
+    threshold = thresholds[i - 1] + alpha * (t_here - thresholds[i - 1])
+    return float(eer), float(threshold)
+
+
+def min_dcf(target_scores: np.ndarray, nontarget_scores: np.ndarray, p_target: float,
+            c_miss: float = 1.0, c_fa: float = 1.0) -> tuple[float, float]:
+    """Normalised minimum detection cost (NIST SRE) and the threshold that reaches it."""
+    thresholds, far, frr = error_rates(target_scores, nontarget_scores)
+    cost = c_miss * p_target * frr + c_fa * (1.0 - p_target) * far
+    default = min(c_miss * p_target, c_fa * (1.0 - p_target))
+    i = int(np.argmin(cost))
+    return float(cost[i] / default), float(thresholds[i])
+
+
+def window_starts(n_frames: int, window: int) -> list[int]:
+    """Start frames of sliding windows with 50% overlap; one window if the utterance is short."""
+    if n_frames <= window:
+        return [0]
+    hop = window // 2
+    starts = list(range(0, n_frames - window + 1, hop))
+    if starts[-1] + window < n_frames:
+        starts.append(n_frames - window)
+    return starts
+
+
+def as_norm(scores: np.ndarray, enroll_cohort: np.ndarray, test_cohort: np.ndarray,
+            top_k: int) -> np.ndarray:
+    """Adaptive S-norm: average of the scores z-normalised by each side's top-k cohort scores.
+
+    scores [T]; enroll_cohort, test_cohort [T, C] are each trial side scored against the cohort.
+    """
+    k = min(top_k, enroll_cohort.shape[1])
+    top_e = -np.sort(-enroll_cohort, axis=1)[:, :k]
+    top_t = -np.sort(-test_cohort, axis=1)[:, :k]
+    z_e = (scores - top_e.mean(1)) / np.maximum(top_e.std(1), 1e-8)
+    z_t = (scores - top_t.mean(1)) / np.maximum(top_t.std(1), 1e-8)
+    return 0.5 * (z_e + z_t)
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """np.save to a temp file, then rename, so a killed run never leaves a torn array."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def atomic_save_json(path: str | os.PathLike, data: dict) -> None:
+    """json.dump to a temp file, then rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
