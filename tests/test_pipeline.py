@@ -1,0 +1,116 @@
+"""End to end: preprocess -> train -> test, on the embedded corpus and on real FLAC."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import link_subset
+
+import configuration
+import data_preprocess
+import main
+import model
+
+SMALL = ["--hidden", "32", "--proj", "16", "--N", "4", "--M", "4", "--save_every", "100",
+         "--log_every", "20", "--draws", "3"]
+
+
+def paths(tmp_path, name):
+    return ["--synthetic_path", str(tmp_path / "synthetic"),
+            "--train_path", str(tmp_path / name / "train"),
+            "--test_path", str(tmp_path / name / "test"),
+            "--model_path", str(tmp_path / name / "model"),
+            "--results_path", str(tmp_path / name / "results")]
+
+
+@pytest.mark.parametrize("mode", ["tisv", "tdsv"])
+def test_embedded_corpus_end_to_end(tmp_path, capsys, mode):
+    flags = paths(tmp_path, mode) + SMALL + ["--tdsv", str(mode == "tdsv")]
+    assert data_preprocess.main(flags) == 0
+    manifest = json.loads((tmp_path / mode / "train" / "manifest.json").read_text())
+    assert manifest["settings"]["kind"] == mode and len(manifest["speakers"]) >= 4
+
+    config = configuration.parse_config(flags + ["--iteration", "300", "--optim", "adam",
+                                                 "--lr", "3e-3", "--beta1", "0.9",
+                                                 "--beta2", "0.999"])
+    summary = model.train(config)
+    losses = np.asarray(summary["losses"])
+    assert len(losses) == 300
+    assert losses[-50:].mean() < 0.8 * losses[:50].mean()
+    assert (tmp_path / mode / "model" / "config.json").exists()
+    assert list((tmp_path / mode / "model" / "logs").iterdir()), "no TensorBoard events"
+
+    capsys.readouterr()
+    assert main.main(flags + ["--train", "False"]) == 0
+    out = capsys.readouterr().out
+    assert f"{'TD-SV' if mode == 'tdsv' else 'TI-SV'} EER" in out
+    result = json.loads((tmp_path / mode / "model" / "evaluation.json").read_text())
+    assert 0.0 <= result["eer_mean"] < 0.5  # better than chance after 300 steps
+    assert list((tmp_path / mode / "results").glob("similarity_matrix_*.png"))
+
+
+def test_test_refuses_conflicting_shape_flag(tmp_path, capsys):
+    flags = paths(tmp_path, "tisv") + SMALL
+    assert data_preprocess.main(flags) == 0
+    config = configuration.parse_config(flags + ["--iteration", "2"])
+    model.train(config)
+    capsys.readouterr()
+    assert main.main(flags + ["--train", "False", "--hidden", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "--hidden 64 conflicts" in err and "hidden=32" in err
+    # Without the flag the saved shape is used.
+    assert main.main(paths(tmp_path, "tisv") + ["--train", "False", "--draws", "1"]) == 0
+
+
+def test_restore_resumes_at_saved_step(tmp_path):
+    flags = paths(tmp_path, "tisv") + SMALL
+    assert data_preprocess.main(flags) == 0
+    model.train(configuration.parse_config(flags + ["--iteration", "20", "--save_every", "10"]))
+    resumed = model.train(configuration.parse_config(
+        flags + ["--iteration", "30", "--save_every", "10", "--restore", "True"]))
+    assert resumed["steps"] == 30 and len(resumed["losses"]) == 10
+
+
+def test_preprocess_real_flac_tisv(shared_data, tmp_path):
+    root = link_subset(shared_data / "speechocean762", tmp_path / "so", speakers=4, per_speaker=3)
+    flags = ["--audio_path", str(root), "--train_path", str(tmp_path / "train"),
+             "--test_path", str(tmp_path / "test"), "--test_ratio", "0.25"]
+    assert data_preprocess.main(flags) == 0
+    train = json.loads((tmp_path / "train" / "manifest.json").read_text())
+    assert len(train["speakers"]) == 3 and train["skipped"] == []
+    speaker = train["speakers"][0]
+    features = np.load(tmp_path / "train" / f"{speaker}.npy", allow_pickle=False)
+    sidecar = json.loads((tmp_path / "train" / f"{speaker}.json").read_text())
+    assert features.shape == (sum(sidecar["lengths"]), 40)
+    assert np.all(np.isfinite(features))
+    # VAD removed silence: fewer frames than the 10 ms grid of the whole files.
+    seconds = sum(data_preprocess.load_audio(root / p, 16000).size / 16000
+                  for p in sidecar["utterances"])
+    assert features.shape[0] < seconds * 100
+
+
+def test_preprocess_real_flac_tdsv_by_transcript(shared_data, tmp_path):
+    root = link_subset(shared_data / "dspspeech20", tmp_path / "dsp", speakers=3, per_speaker=60)
+    (root / "manifest.csv").write_text(
+        (shared_data / "dspspeech20" / "manifest.csv").read_text(encoding="utf-8"),
+        encoding="utf-8")
+    flags = ["--audio_path", str(root), "--train_path", str(tmp_path / "train"),
+             "--test_path", str(tmp_path / "test"), "--tdsv", "True", "--tdsv_phrase", "signal"]
+    assert data_preprocess.main(flags) == 0
+    train = json.loads((tmp_path / "train" / "manifest.json").read_text())
+    speaker = train["speakers"][0]
+    sidecar = json.loads((tmp_path / "train" / f"{speaker}.json").read_text())
+    assert len(sidecar["utterances"]) == 10
+    assert all("-14-" in p for p in sidecar["utterances"])  # word 14 is "signal"
+    waves = np.load(tmp_path / "train" / f"{speaker}.npy", allow_pickle=False)
+    assert waves.shape == (10, 79 * 160)
+
+
+def test_preprocess_fsdd_resamples_8k(shared_data, tmp_path):
+    root = link_subset(shared_data / "fsdd", tmp_path / "fsdd", speakers=2, per_speaker=5)
+    flags = ["--audio_path", str(root), "--train_path", str(tmp_path / "train"),
+             "--test_path", str(tmp_path / "test"), "--min_frames", "20"]
+    assert data_preprocess.main(flags) == 0
+    wav = data_preprocess.load_audio(next(root.rglob("*.flac")), 16000)
+    import soundfile
+    assert wav.size == pytest.approx(2 * soundfile.info(next(root.rglob("*.flac"))).frames, abs=2)
