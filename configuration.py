@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                             help="test: fraction of each speaker's utterances used to enroll")
     evaluation.add_argument("--draws", type=_positive_int, default=10,
                             help="test: random enrollment/verification draws")
+    evaluation.add_argument("--trials", type=str, default="",
+                            help="test: VoxCeleb-format trial list 'label enrol test' with paths "
+                                 "relative to --audio_path; empty = all pairs of test speakers")
+    evaluation.add_argument("--asnorm_topk", type=_positive_int, default=100,
+                            help="AS-norm: top-k cohort scores (cohort = training speakers)")
     evaluation.add_argument("--results_path", type=str, default="./Results",
                             help="where figures are written")
     return parser

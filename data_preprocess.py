@@ -164,6 +164,14 @@ def phrase_waveform(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
     return np.pad(segment, (0, length - len(segment))).astype(np.float32)
 
 
+def inference_features(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
+    """Features of one recording as the model saw them in training: VAD'd log-mel (TI-SV) or
+    the log-mel of the trimmed, fixed-length phrase (TD-SV)."""
+    if config.tdsv:
+        return log_mel(phrase_waveform(wav, config), config)
+    return voiced_features(wav, config)
+
+
 def split_speakers(speakers: list[str], test_ratio: float, seed: int
                    ) -> tuple[list[str], list[str]]:
     """Deterministic (seeded) speaker split into train and test; both get at least one speaker."""

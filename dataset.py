@@ -25,9 +25,11 @@ class SpeakerStore:
         self.tdsv = manifest["settings"]["kind"] == "tdsv"
         self.speakers: list[str] = manifest["speakers"]
         self.offsets: dict[str, np.ndarray] = {}
+        self.names: dict[str, list[str]] = {}
         for speaker in self.speakers:
             sidecar = json.loads((path / f"{speaker}.json").read_text())
             self.offsets[speaker] = np.concatenate([[0], np.cumsum(sidecar["lengths"])])
+            self.names[speaker] = sidecar["utterances"]
         self._arrays: dict[str, np.ndarray] = {}
         noise = path / "noise.npy"
         self.noise = np.load(noise, mmap_mode="r", allow_pickle=False) if noise.exists() else None

@@ -9,13 +9,15 @@ import configuration
 
 def main(argv: list[str] | None = None) -> int:
     config = configuration.parse_config(argv)
-    import model  # TensorFlow loads only after the flags are known to be valid
+    # TensorFlow loads only after the flags are known to be valid.
+    import evaluation
+    import model
 
     try:
         if config.train:
             model.train(config)
         else:
-            model.test(config)
+            evaluation.test(config)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -15,7 +15,6 @@ from tqdm import tqdm
 
 import configuration
 import dataset
-import plots
 import utils
 
 
@@ -320,64 +319,3 @@ def utterance_d_vectors(embed, utterances: list[np.ndarray], window: int,
                 pooled[u] = vector
     stacked = np.stack(pooled).astype(np.float32)
     return stacked / np.maximum(np.linalg.norm(stacked, axis=1, keepdims=True), 1e-12)
-
-
-def speaker_model(d_vectors: np.ndarray) -> np.ndarray:
-    """A speaker's enrollment model: the L2-normalised mean of its d-vectors."""
-    mean = d_vectors.mean(axis=0)
-    return mean / max(float(np.linalg.norm(mean)), 1e-12)
-
-
-def verification_draw(d_vectors: dict[str, np.ndarray], enroll_ratio: float,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One random enrollment/verification split per speaker; returns scores [V,S] and labels [V]."""
-    speakers = sorted(d_vectors)
-    models, tests, labels = [], [], []
-    for s, speaker in enumerate(speakers):
-        vectors = d_vectors[speaker]
-        order = rng.permutation(len(vectors))
-        n_enroll = min(max(1, int(round(enroll_ratio * len(vectors)))), len(vectors) - 1)
-        models.append(speaker_model(vectors[order[:n_enroll]]))
-        tests.append(vectors[order[n_enroll:]])
-        labels.extend([s] * (len(vectors) - n_enroll))
-    return np.concatenate(tests) @ np.stack(models).T, np.asarray(labels)
-
-
-def test(config: argparse.Namespace) -> dict:
-    """EER over every test speaker, mean +/- std over random enrollment/verification draws."""
-    config, encoder = load_trained(config)
-    store = dataset.open_store(config.test_path, config, "test")
-    embed = make_embedder(encoder, config.n_mels)
-    utterances = {s: store.test_utterances(s) for s in store.speakers}
-    d_vectors = {}
-    for speaker in tqdm(store.speakers, desc="embed", unit="speaker", dynamic_ncols=True):
-        d_vectors[speaker] = utterance_d_vectors(embed, utterances[speaker], config.window_frames)
-
-    rng = np.random.default_rng(config.seed)
-    eers, first = [], None
-    for _ in range(config.draws):
-        scores, labels = verification_draw(d_vectors, config.enroll_ratio, rng)
-        target = scores[np.arange(len(labels)), labels]
-        nontarget = scores[np.arange(scores.shape[1])[None, :] != labels[:, None]]
-        eer, threshold = utils.equal_error_rate(target, nontarget)
-        eers.append(eer)
-        if first is None:
-            far = float(np.mean(nontarget >= threshold))
-            frr = float(np.mean(target < threshold))
-            first = {"scores": scores, "labels": labels, "eer": eer, "threshold": threshold,
-                     "far": far, "frr": frr}
-    mean, std = float(np.mean(eers)), float(np.std(eers))
-    mode = "TD-SV" if config.tdsv else "TI-SV"
-    n_trials = first["scores"].size
-    print(f"{mode} EER {100 * mean:.2f}% +/- {100 * std:.2f} over {config.draws} draws, "
-          f"{len(store.speakers)} test speakers, {n_trials} trials per draw")
-    print(f"draw 1: EER {100 * first['eer']:.2f}% at threshold {first['threshold']:.4f} "
-          f"(FAR {100 * first['far']:.2f}%, FRR {100 * first['frr']:.2f}%)")
-    result = {"mode": mode, "eer_mean": mean, "eer_std": std, "eers": eers,
-              "threshold": first["threshold"], "speakers": len(store.speakers),
-              "trials_per_draw": int(n_trials)}
-    utils.atomic_save_json(Path(config.model_path) / "evaluation.json", result)
-    figure = plots.similarity_matrix_figure(first["scores"], first["labels"], store.speakers,
-                                            Path(config.results_path), mode)
-    print(f"wrote {figure}")
-    return result

@@ -93,3 +93,30 @@ def atomic_save_json(path: str | os.PathLike, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+def speaker_model(d_vectors: np.ndarray) -> np.ndarray:
+    """A speaker's enrollment model: the L2-normalised mean of its d-vectors."""
+    mean = np.asarray(d_vectors, dtype=np.float64).mean(axis=0)
+    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+
+
+def parse_trials(path: str | os.PathLike) -> list[tuple[int, str, str]]:
+    """VoxCeleb-format trial lines `label enrol test` (1 target, 0 nontarget)."""
+    trials = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 3 or fields[0] not in ("0", "1"):
+                raise ValueError(f"{path}:{number}: expected 'label enrol test' with label 0 or 1,"
+                                 f" got {line.strip()!r}")
+            for name in fields[1:]:
+                if Path(name).is_absolute() or ".." in Path(name).parts:
+                    raise ValueError(f"{path}:{number}: {name!r} must be a path inside "
+                                     f"--audio_path (no absolute paths or '..')")
+            trials.append((int(fields[0]), fields[1], fields[2]))
+    if not trials:
+        raise ValueError(f"{path}: no trials")
+    return trials

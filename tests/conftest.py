@@ -31,3 +31,20 @@ def link_subset(corpus: Path, out: Path, speakers: int, per_speaker: int,
         for f in files:
             (out / speaker_dir.name / f.name).symlink_to(f)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tisv(tmp_path_factory) -> list[str]:
+    """Flags of a tiny TI-SV model trained for a few steps on the embedded corpus."""
+    import configuration
+    import data_preprocess
+    import model
+
+    root = tmp_path_factory.mktemp("tiny")
+    flags = ["--synthetic_path", str(root / "synthetic"), "--train_path", str(root / "train"),
+             "--test_path", str(root / "test"), "--model_path", str(root / "model"),
+             "--results_path", str(root / "results"), "--hidden", "16", "--proj", "8",
+             "--N", "4", "--M", "3", "--draws", "2"]
+    assert data_preprocess.main(flags) == 0
+    model.train(configuration.parse_config(flags + ["--iteration", "30", "--save_every", "30"]))
+    return flags

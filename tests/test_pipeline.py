@@ -43,7 +43,7 @@ def test_embedded_corpus_end_to_end(tmp_path, capsys, mode):
     capsys.readouterr()
     assert main.main(flags + ["--train", "False"]) == 0
     out = capsys.readouterr().out
-    assert f"{'TD-SV' if mode == 'tdsv' else 'TI-SV'} EER" in out
+    assert f"{'TD-SV' if mode == 'tdsv' else 'TI-SV'} similarity-matrix test: EER" in out
     result = json.loads((tmp_path / mode / "model" / "evaluation.json").read_text())
     assert 0.0 <= result["eer_mean"] < 0.5  # better than chance after 300 steps
     assert list((tmp_path / mode / "results").glob("similarity_matrix_*.png"))

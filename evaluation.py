@@ -1,0 +1,197 @@
+"""Evaluation: the paper's similarity-matrix test, trial-list scoring with EER/minDCF, AS-norm."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import data_preprocess
+import dataset
+import model
+import plots
+import utils
+
+P_TARGETS = (0.01, 0.05)
+
+
+def embed_store(embed, store: dataset.SpeakerStore, window: int, desc: str
+                ) -> dict[str, np.ndarray]:
+    """Utterance d-vectors [U,P] of every speaker of a preprocessed split."""
+    return {speaker: model.utterance_d_vectors(embed, store.test_utterances(speaker), window)
+            for speaker in tqdm(store.speakers, desc=desc, unit="speaker", dynamic_ncols=True)}
+
+
+def embed_files(embed, root: Path, names: list[str], config: argparse.Namespace
+                ) -> dict[str, np.ndarray]:
+    """Utterance d-vectors of audio files under root, by relative name; a bad file is an error."""
+    features = []
+    for name in tqdm(names, desc="features", unit="file", dynamic_ncols=True):
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: named in the trial list but not found")
+        try:
+            features.append(data_preprocess.inference_features(
+                data_preprocess.load_audio(path, config.sr), config))
+        except data_preprocess.AudioError as error:
+            raise ValueError(f"{path}: {error}") from None
+    vectors = model.utterance_d_vectors(embed, features, config.window_frames)
+    return dict(zip(names, vectors))
+
+
+def verification_draw(d_vectors: dict[str, np.ndarray], enroll_ratio: float,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One random enrollment/verification split per speaker; returns scores [V,S] and labels [V]."""
+    speakers = sorted(d_vectors)
+    models, tests, labels = [], [], []
+    for s, speaker in enumerate(speakers):
+        vectors = d_vectors[speaker]
+        order = rng.permutation(len(vectors))
+        n_enroll = min(max(1, int(round(enroll_ratio * len(vectors)))), len(vectors) - 1)
+        models.append(utils.speaker_model(vectors[order[:n_enroll]]))
+        tests.append(vectors[order[n_enroll:]])
+        labels.extend([s] * (len(vectors) - n_enroll))
+    return np.concatenate(tests) @ np.stack(models).T, np.asarray(labels)
+
+
+def split_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Target and nontarget entries of a [V,S] score matrix whose row v belongs to labels[v]."""
+    own = np.arange(scores.shape[1])[None, :] == labels[:, None]
+    return scores[own], scores[~own]
+
+
+def similarity_matrix_test(d_vectors: dict[str, np.ndarray], config: argparse.Namespace
+                           ) -> dict:
+    """The original's test over all test speakers, repeated over random enrollment draws."""
+    rng = np.random.default_rng(config.seed)
+    eers, first = [], None
+    for _ in range(config.draws):
+        scores, labels = verification_draw(d_vectors, config.enroll_ratio, rng)
+        target, nontarget = split_scores(scores, labels)
+        eer, threshold = utils.equal_error_rate(target, nontarget)
+        eers.append(eer)
+        if first is None:
+            first = {"scores": scores, "labels": labels, "eer": eer, "threshold": threshold,
+                     "far": float(np.mean(nontarget >= threshold)),
+                     "frr": float(np.mean(target < threshold))}
+    return {"eer_mean": float(np.mean(eers)), "eer_std": float(np.std(eers)), "eers": eers,
+            "first": first}
+
+
+def all_pairs_trials(names: dict[str, list[str]]) -> list[tuple[int, str, str]]:
+    """Every unordered pair of distinct utterances, labelled 1 when both have one speaker."""
+    flat = [(speaker, name) for speaker in sorted(names) for name in names[speaker]]
+    return [(int(flat[i][0] == flat[j][0]), flat[i][1], flat[j][1])
+            for i in range(len(flat)) for j in range(i + 1, len(flat))]
+
+
+def metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
+    """EER (with threshold) and normalised minDCF at each P_TARGETS."""
+    target, nontarget = scores[labels == 1], scores[labels == 0]
+    eer, threshold = utils.equal_error_rate(target, nontarget)
+    result = {"eer": eer, "threshold": threshold, "targets": int(target.size),
+              "nontargets": int(nontarget.size)}
+    for p in P_TARGETS:
+        result[f"min_dcf_{p}"] = utils.min_dcf(target, nontarget, p)[0]
+    return result
+
+
+def format_metrics(name: str, result: dict) -> str:
+    dcf = "  ".join(f"minDCF(p={p}) {result[f'min_dcf_{p}']:.4f}" for p in P_TARGETS)
+    return (f"{name:8s} EER {100 * result['eer']:.2f}% (threshold {result['threshold']:.4f})  "
+            f"{dcf}")
+
+
+def cohort_models(embed, config: argparse.Namespace) -> np.ndarray | None:
+    """One d-vector per training speaker, the AS-norm cohort; None when --train_path is absent."""
+    try:
+        store = dataset.open_store(config.train_path, config, "train")
+    except ValueError as error:
+        print(f"AS-norm skipped: no training speakers for the cohort ({error})")
+        return None
+    vectors = embed_store(embed, store, config.window_frames, "cohort")
+    return np.stack([utils.speaker_model(v) for v in vectors.values()])
+
+
+def write_scores(path: Path, trials, scores: np.ndarray) -> None:
+    """Score file in the wespeaker/Kaldi convention: `enrol test score target|nontarget`."""
+    lines = [f"{enrol} {test} {score:.6f} {'target' if label else 'nontarget'}"
+             for (label, enrol, test), score in zip(trials, scores)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def test(config: argparse.Namespace) -> dict:
+    """Evaluate a trained model: similarity-matrix draws, trial scoring, AS-norm, figures."""
+    config, encoder = model.load_trained(config)
+    embed = model.make_embedder(encoder, config.n_mels)
+    mode = "TD-SV" if config.tdsv else "TI-SV"
+    model_path, results = Path(config.model_path), Path(config.results_path)
+    summary: dict = {"mode": mode}
+
+    if config.trials:
+        trials = utils.parse_trials(config.trials)
+        if not config.audio_path:
+            raise ValueError("--trials needs --audio_path, the folder its paths are relative to")
+        names = sorted({name for _, a, b in trials for name in (a, b)})
+        vectors = embed_files(embed, Path(config.audio_path), names, config)
+        origin = f"from {config.trials}"
+    else:
+        store = dataset.open_store(config.test_path, config, "test")
+        by_speaker = embed_store(embed, store, config.window_frames, "embed")
+        draws = similarity_matrix_test(by_speaker, config)
+        first = draws["first"]
+        print(f"{mode} similarity-matrix test: EER {100 * draws['eer_mean']:.2f}% +/- "
+              f"{100 * draws['eer_std']:.2f} over {config.draws} enrollment draws of "
+              f"{len(store.speakers)} test speakers (draw 1: EER {100 * first['eer']:.2f}% at "
+              f"threshold {first['threshold']:.4f}, FAR {100 * first['far']:.2f}%, "
+              f"FRR {100 * first['frr']:.2f}%)")
+        summary.update(eer_mean=draws["eer_mean"], eer_std=draws["eer_std"],
+                       speakers=len(store.speakers))
+        plots.similarity_matrix_figure(first["scores"], first["labels"], store.speakers,
+                                       results, mode)
+        plots.embedding_projection(by_speaker, results, mode)
+        trials = all_pairs_trials({s: store.names[s] for s in store.speakers})
+        vectors = {name: vector for s in store.speakers
+                   for name, vector in zip(store.names[s], by_speaker[s])}
+        origin = f"all pairs of the {len(store.speakers)} test speakers' utterances"
+
+    labels = np.array([label for label, _, _ in trials])
+    if labels.min() == labels.max():
+        raise ValueError("the trials need both target (1) and nontarget (0) lines")
+    names = sorted(vectors)
+    index = {name: i for i, name in enumerate(names)}
+    matrix = np.stack([vectors[name] for name in names])
+    enrol = np.array([index[a] for _, a, _ in trials])
+    probe = np.array([index[b] for _, _, b in trials])
+    raw = np.sum(matrix[enrol] * matrix[probe], axis=1)
+    raw_metrics = metrics(raw, labels)
+    print(f"trials: {len(trials)} ({raw_metrics['targets']} target, "
+          f"{raw_metrics['nontargets']} nontarget), {origin}")
+    print(format_metrics("raw", raw_metrics))
+    write_scores(model_path / "scores.txt", trials, raw)
+    summary["raw"] = raw_metrics
+
+    cohort = cohort_models(embed, config)
+    if cohort is not None:
+        cohort_scores = matrix @ cohort.T
+        normed = utils.as_norm(raw, cohort_scores[enrol], cohort_scores[probe],
+                               config.asnorm_topk)
+        summary["as_norm"] = metrics(normed, labels)
+        print(format_metrics("AS-norm", summary["as_norm"]) +
+              f"  (cohort {len(cohort)} training speakers, top {config.asnorm_topk})")
+        write_scores(model_path / "scores_asnorm.txt", trials, normed)
+
+    summary["threshold"] = raw_metrics["threshold"]
+    utils.atomic_save_json(model_path / "evaluation.json", summary)
+    figures = [plots.det_curve(raw[labels == 1], raw[labels == 0], results, mode),
+               plots.score_histograms(raw[labels == 1], raw[labels == 0],
+                                      raw_metrics["threshold"], results, mode)]
+    loss_figure = plots.loss_curve(model_path / "logs", results, mode)
+    if loss_figure is not None:
+        figures.append(loss_figure)
+    print(f"scores in {model_path / 'scores.txt'}; figures in {results}")
+    return summary
