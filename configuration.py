@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 # Flags that fix the shape of the network or of its input features; a trained model is always
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     """All flags of the toolkit, with the original script set's names and defaults."""
     parser = argparse.ArgumentParser(
         description="GE2E speaker verification (Wan et al., ICASSP 2018) on TensorFlow 2.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
 
     data = parser.add_argument_group("data")
     data.add_argument("--audio_path", type=str, default="",
@@ -157,18 +158,34 @@ def build_parser() -> argparse.ArgumentParser:
                             help="AS-norm: top-k cohort scores (cohort = training speakers)")
     evaluation.add_argument("--results_path", type=str, default="./Results",
                             help="where figures are written")
+
+    use = parser.add_argument_group("use a trained model")
+    use.add_argument("--enroll", type=str, default="", metavar="NAME",
+                     help="enroll speaker NAME from the --audio files")
+    use.add_argument("--extend", type=str2bool, default=False,
+                     help="--enroll: add the files to an existing profile instead of replacing it")
+    use.add_argument("--verify", type=str, default="", metavar="NAME",
+                     help="score one --audio file against NAME's profile: ACCEPT or REJECT")
+    use.add_argument("--identify", action="store_true",
+                     help="rank every enrolled profile against one --audio file")
+    use.add_argument("--embed", action="store_true",
+                     help="d-vectors of every audio file under --audio_path into --out (.npz)")
+    use.add_argument("--export", type=str, default="", metavar="DIR",
+                     help="write a waveform-to-d-vector TensorFlow SavedModel to DIR")
+    use.add_argument("--audio", type=str, nargs="+", default=[], metavar="FILE",
+                     help="audio files for --enroll, --verify, --identify")
+    use.add_argument("--out", type=str, default="", help="--embed: output .npz file")
+    use.add_argument("--threshold", type=float, default=None,
+                     help="--verify: decision threshold (default: the model's EER threshold)")
     return parser
 
 
 def explicit_flags(argv: list[str] | None, parser: argparse.ArgumentParser) -> set[str]:
     """Names of the flags the user typed (as opposed to defaults)."""
-    shadow = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            shadow.add_argument(*action.option_strings, dest=action.dest, nargs=action.nargs,
-                                type=str)
-    typed, _ = shadow.parse_known_args(argv)
-    return set(vars(typed))
+    dest_of = {option: action.dest for action in parser._actions
+               for option in action.option_strings}
+    tokens = sys.argv[1:] if argv is None else argv
+    return {dest_of[t.split("=")[0]] for t in tokens if t.split("=")[0] in dest_of}
 
 
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
@@ -176,6 +193,12 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     config = parser.parse_args(argv)
     config.explicit = sorted(explicit_flags(argv, parser))
+    commands = [bool(config.enroll), bool(config.verify), config.identify, config.embed,
+                bool(config.export)]
+    if sum(commands) > 1:
+        parser.error("use one of --enroll, --verify, --identify, --embed, --export at a time")
+    if (config.enroll or config.verify or config.identify) and not config.audio:
+        parser.error("--enroll, --verify and --identify need --audio FILE")
     if config.tisv_frame_min > config.tisv_frame:
         parser.error("--tisv_frame_min must not exceed --tisv_frame")
     if config.M < 2:

@@ -1,4 +1,5 @@
-"""Entry point: `python main.py --train True` trains, `python main.py --train False` tests."""
+"""Entry point: `python main.py --train True` trains, `python main.py --train False` tests;
+--enroll/--verify/--identify/--embed/--export use a trained model."""
 
 from __future__ import annotations
 
@@ -11,10 +12,22 @@ def main(argv: list[str] | None = None) -> int:
     config = configuration.parse_config(argv)
     # TensorFlow loads only after the flags are known to be valid.
     import evaluation
+    import export
     import model
+    import profiles
 
     try:
-        if config.train:
+        if config.enroll:
+            profiles.enroll(config)
+        elif config.verify:
+            profiles.verify(config)
+        elif config.identify:
+            profiles.identify(config)
+        elif config.embed:
+            profiles.embed_folder(config)
+        elif config.export:
+            export.export(config)
+        elif config.train:
             model.train(config)
         else:
             evaluation.test(config)

@@ -1,0 +1,174 @@
+"""Use a trained model on new recordings: enroll, verify, identify, embed a folder."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import data_preprocess
+import model
+import utils
+
+PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def model_fingerprint(encoder: model.SpeakerEncoder) -> str:
+    """sha256 of the encoder's weights: profiles are only comparable under the same weights."""
+    digest = hashlib.sha256()
+    for weight in encoder.get_weights():
+        digest.update(np.ascontiguousarray(weight, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def file_features(path: str | Path, config: argparse.Namespace) -> np.ndarray:
+    """Features of one audio file; a missing, unreadable, silent or too-short file is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such audio file")
+    try:
+        return data_preprocess.inference_features(
+            data_preprocess.load_audio(path, config.sr), config)
+    except data_preprocess.AudioError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def embed_paths(embed, paths: list[str], config: argparse.Namespace) -> np.ndarray:
+    """Utterance d-vectors [F,P] of audio files (sliding windows, as in evaluation)."""
+    return model.utterance_d_vectors(embed, [file_features(p, config) for p in paths],
+                                     config.window_frames)
+
+
+def _profile_paths(config: argparse.Namespace, name: str) -> tuple[Path, Path]:
+    if not PROFILE_NAME.match(name):
+        raise ValueError(f"profile name {name!r}: use letters, digits, '_', '-' or '.', "
+                         f"starting with a letter or digit")
+    folder = Path(config.model_path) / "profiles"
+    return folder / f"{name}.npy", folder / f"{name}.json"
+
+
+def load_profile(config: argparse.Namespace, name: str, fingerprint: str
+                 ) -> tuple[np.ndarray, dict]:
+    """A stored profile's file d-vectors and metadata; refused if made by another model."""
+    vectors_path, meta_path = _profile_paths(config, name)
+    if not meta_path.exists():
+        known = sorted(p.stem for p in meta_path.parent.glob("*.json"))
+        raise ValueError(f"no profile {name!r} in {meta_path.parent} (enrolled: "
+                         f"{', '.join(known) or 'none'})")
+    meta = json.loads(meta_path.read_text())
+    if meta["model"] != fingerprint:
+        raise ValueError(f"profile {name!r} was enrolled with another model ({meta['model']}, "
+                         f"this model is {fingerprint}); enroll it again")
+    return np.load(vectors_path, allow_pickle=False), meta
+
+
+def enroll(config: argparse.Namespace) -> dict:
+    """Embed --audio files and store (or extend with --extend True) the speaker's profile."""
+    config, encoder = model.load_trained(config)
+    fingerprint = model_fingerprint(encoder)
+    name = config.enroll
+    vectors_path, meta_path = _profile_paths(config, name)
+    vectors = embed_paths(model.make_embedder(encoder, config.n_mels), config.audio, config)
+    files = [str(Path(p).resolve()) for p in config.audio]
+    action = "enrolled"
+    if meta_path.exists():
+        if config.extend:
+            old_vectors, old_meta = load_profile(config, name, fingerprint)
+            vectors, files = np.concatenate([old_vectors, vectors]), old_meta["files"] + files
+            action = "extended"
+        else:
+            action = "replaced"
+    vectors_path.parent.mkdir(parents=True, exist_ok=True)
+    utils.atomic_save_npy(vectors_path, vectors)
+    meta = {"name": name, "files": files, "model": fingerprint,
+            "model_path": str(Path(config.model_path).resolve()),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    utils.atomic_save_json(meta_path, meta)
+    print(f"{action} {name!r} with {len(files)} file(s) -> {meta_path}")
+    return meta
+
+
+def default_threshold(config: argparse.Namespace) -> float:
+    """--threshold, else the EER threshold of the model's last evaluation."""
+    if config.threshold is not None:
+        return config.threshold
+    evaluation = Path(config.model_path) / "evaluation.json"
+    if not evaluation.exists():
+        raise ValueError(f"no --threshold given and {evaluation} does not exist; run "
+                         f"python main.py --train False first or pass --threshold")
+    return float(json.loads(evaluation.read_text())["threshold"])
+
+
+def verify(config: argparse.Namespace) -> tuple[float, bool]:
+    """Cosine score of --audio against a profile, and the ACCEPT/REJECT decision."""
+    config, encoder = model.load_trained(config)
+    if len(config.audio) != 1:
+        raise ValueError(f"--verify takes one --audio file, got {len(config.audio)}")
+    vectors, _ = load_profile(config, config.verify, model_fingerprint(encoder))
+    threshold = default_threshold(config)
+    probe = embed_paths(model.make_embedder(encoder, config.n_mels), config.audio, config)[0]
+    score = float(probe @ utils.speaker_model(vectors))
+    accepted = score >= threshold
+    print(f"{config.audio[0]} vs {config.verify!r}: score {score:.4f}, threshold "
+          f"{threshold:.4f} -> {'ACCEPT' if accepted else 'REJECT'}")
+    return score, accepted
+
+
+def identify(config: argparse.Namespace) -> list[tuple[str, float]]:
+    """Rank every enrolled profile of this model by cosine score against --audio."""
+    config, encoder = model.load_trained(config)
+    if len(config.audio) != 1:
+        raise ValueError(f"--identify takes one --audio file, got {len(config.audio)}")
+    fingerprint = model_fingerprint(encoder)
+    folder = Path(config.model_path) / "profiles"
+    names = sorted(p.stem for p in folder.glob("*.json"))
+    if not names:
+        raise ValueError(f"no profiles in {folder}; enroll speakers first (--enroll NAME)")
+    probe = embed_paths(model.make_embedder(encoder, config.n_mels), config.audio, config)[0]
+    ranking = sorted(((name, float(probe @ utils.speaker_model(
+        load_profile(config, name, fingerprint)[0]))) for name in names),
+        key=lambda item: -item[1])
+    print(f"{config.audio[0]}:")
+    for rank, (name, score) in enumerate(ranking, 1):
+        print(f"  {rank}. {name:20s} {score:.4f}")
+    return ranking
+
+
+def embed_folder(config: argparse.Namespace) -> Path:
+    """d-vectors of every audio file under --audio_path, saved with relative paths to --out."""
+    config, encoder = model.load_trained(config)
+    if not config.out:
+        raise ValueError("--embed needs --out FILE.npz")
+    root = Path(config.audio_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--audio_path {root}: not a folder")
+    files = sorted(p for p in root.rglob("*")
+                   if p.suffix.lower() in data_preprocess.AUDIO_EXTENSIONS and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"--audio_path {root}: no .wav or .flac files")
+    names, features, skipped = [], [], []
+    for path in tqdm(files, desc="features", unit="file", dynamic_ncols=True):
+        try:
+            features.append(file_features(path, config))
+            names.append(path.relative_to(root).as_posix())
+        except ValueError as error:
+            skipped.append(str(error))
+    if not features:
+        raise ValueError(f"--audio_path {root}: no usable audio ({skipped[0]})")
+    vectors = model.utterance_d_vectors(model.make_embedder(encoder, config.n_mels), features,
+                                        config.window_frames)
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, paths=np.array(names, dtype=str), d_vectors=vectors)
+    tmp.replace(out)
+    print(f"{len(names)} d-vectors -> {out}; {len(skipped)} file(s) skipped")
+    for reason in skipped:
+        print(f"  skipped {reason}")
+    return out
