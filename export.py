@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -49,7 +50,7 @@ def tf_voiced_mask(wav: tf.Tensor, config: argparse.Namespace) -> tf.Tensor:
 def tf_windows(features: tf.Tensor, window: int) -> tf.Tensor:
     """The sliding windows of utils.window_starts, stacked [W, window, n_mels]."""
     n = tf.shape(features)[0]
-    hop = window // 2
+    hop = max(1, window // 2)
     starts = tf.range(0, tf.maximum(n - window + 1, 1), hop)
     last = tf.maximum(n - window, 0)
     starts = tf.cond(starts[-1] < last, lambda: tf.concat([starts, [last]], 0), lambda: starts)
@@ -84,7 +85,11 @@ def export(config: argparse.Namespace) -> Path:
                          "trimming of data_preprocess.phrase_waveform, not ported to tf.signal)")
     module = DVectorModule(encoder, config)
     out = Path(config.export)
-    tf.saved_model.save(module, str(out), signatures={"serving_default": module.serve})
+    # Keras 3 variables are restored correctly only when the archive tracks the Keras model.
+    archive = keras.export.ExportArchive()
+    archive.track(encoder)
+    archive.add_endpoint("serving_default", module.serve)
+    archive.write_out(str(out), verbose=False)
     print(f"SavedModel -> {out} (signature serving_default: waveform float32 [samples] at "
           f"{config.sr} Hz -> d_vector [{config.proj}])")
     return out

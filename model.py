@@ -177,7 +177,8 @@ def make_train_step(encoder: SpeakerEncoder, scale: GE2EScale,
 
 
 def _checkpoint(encoder, scale, optimizer=None) -> tf.train.Checkpoint:
-    objects = {"encoder": encoder, "scale": scale}
+    # Keras 3 models are not tracked by tf.train.Checkpoint: name their variables explicitly.
+    objects = {"encoder": list(encoder.variables), "scale": list(scale.variables)}
     if optimizer is not None:
         objects["optimizer"] = optimizer
     return tf.train.Checkpoint(**objects)

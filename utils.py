@@ -57,7 +57,7 @@ def window_starts(n_frames: int, window: int) -> list[int]:
     """Start frames of sliding windows with 50% overlap; one window if the utterance is short."""
     if n_frames <= window:
         return [0]
-    hop = window // 2
+    hop = max(1, window // 2)
     starts = list(range(0, n_frames - window + 1, hop))
     if starts[-1] + window < n_frames:
         starts.append(n_frames - window)

@@ -13,7 +13,6 @@ import pytest
 
 import utils
 
-
 # ----------------------------------------------------------------------------------------------
 # brute-force references
 # ----------------------------------------------------------------------------------------------
@@ -58,7 +57,7 @@ def _brute_eer(target, nontarget):
 
 def _brute_min_dcf(target, nontarget, p):
     thresholds, far, frr = _brute_rates(target, nontarget)
-    costs = [(p * r + (1.0 - p) * a) / min(p, 1.0 - p) for a, r in zip(far, frr)]
+    costs = [(p * r + (1.0 - p) * a) / min(p, 1.0 - p) for a, r in zip(far, frr, strict=True)]
     return min(costs)
 
 
@@ -222,9 +221,9 @@ def test_window_starts_cover_and_overlap(window):
         # count: ceil((n - w) / hop) + 1
         assert len(starts) == -(-(n_frames - window) // hop) + 1
         assert starts[0] == 0 and starts[-1] == n_frames - window
-        assert all(b > a for a, b in zip(starts, starts[1:]))
+        assert all(b > a for a, b in zip(starts, starts[1:], strict=False))
         # every hop but possibly the last equals window // 2: (at least) 50 % overlap
-        assert all(b - a == hop for a, b in zip(starts[:-2], starts[1:-1]))
+        assert all(b - a == hop for a, b in zip(starts[:-2], starts[1:-1], strict=True))
         assert 0 < starts[-1] - starts[-2] <= hop
         covered = np.zeros(n_frames, bool)
         for s in starts:
@@ -314,7 +313,7 @@ def test_as_norm_toy_cohort_by_hand():
     np.testing.assert_allclose(got, [3.5], atol=1e-9)
 
 
-@pytest.mark.parametrize("top_k", [1 + 1, 3, 5])
+@pytest.mark.parametrize("top_k", [2, 3, 5])
 def test_as_norm_matches_direct_formula(top_k):
     rng = np.random.default_rng(3)
     scores = rng.normal(0.0, 1.0, 4)

@@ -15,7 +15,6 @@ import tensorflow as tf
 import configuration
 import model
 
-
 # ----------------------------------------------------------------------------------------------
 # helpers: independent references
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +157,7 @@ def test_gradients_reach_every_trainable_variable():
         losses = {kind: model.ge2e_loss(emb, w, b, kind) for kind in ("softmax", "contrast")}
     for kind, loss in losses.items():
         grads = tape.gradient(loss, variables)
-        for var, grad in zip(variables, grads):
+        for var, grad in zip(variables, grads, strict=True):
             assert grad is not None, f"{kind}: no gradient for {var.path}"
             if kind == "softmax" and var is scale.b:
                 # eq. 6 is invariant to a common shift of all S_ji,k, so dL/db = 0 exactly in
@@ -338,7 +337,7 @@ def test_train_step_update():
     clipped = [g * factor for g in grads]
     clipped[0] = clipped[0] * 0.01
     clipped[1] = clipped[1] * 0.01
-    expected = [p - config.lr * g for p, g in zip(before, clipped)]
+    expected = [p - config.lr * g for p, g in zip(before, clipped, strict=True)]
     assert global_norm > 10 * clip_norm  # clipping really is active
     assert abs(grads[0]) > 1e-3 and abs(grads[1]) > 1e-3  # w and b gradients are not trivial
 
@@ -346,7 +345,8 @@ def test_train_step_update():
     assert float(got_loss) == pytest.approx(float(ref_loss), rel=1e-5)
     assert float(got_norm) == pytest.approx(global_norm, rel=1e-4)
     after = [v.numpy() for v in scale_vars + encoder_vars]
-    for var, exp, got, old in zip(scale_vars + encoder_vars, expected, after, before):
+    for var, exp, got, old in zip(scale_vars + encoder_vars, expected, after, before,
+                                  strict=True):
         np.testing.assert_allclose(got, exp, atol=1e-6, rtol=1e-5, err_msg=var.path)
         assert np.max(np.abs(got - old)) > 1e-7, f"{var.path} did not move"
 

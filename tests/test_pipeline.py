@@ -114,3 +114,14 @@ def test_preprocess_fsdd_resamples_8k(shared_data, tmp_path):
     wav = data_preprocess.load_audio(next(root.rglob("*.flac")), 16000)
     import soundfile
     assert wav.size == pytest.approx(2 * soundfile.info(next(root.rglob("*.flac"))).frames, abs=2)
+
+
+def test_checkpoint_restores_the_trained_weights(tiny_tisv):
+    """Two restores agree with each other and not with a fresh initialisation."""
+    config, first = model.load_trained(configuration.parse_config(tiny_tisv))
+    _, second = model.load_trained(configuration.parse_config(tiny_tisv))
+    fresh, _ = model.build_model(config)
+    for a, b, c in zip(first.get_weights(), second.get_weights(), fresh.get_weights()):
+        np.testing.assert_array_equal(a, b)
+        if a.ndim == 2:
+            assert not np.allclose(a, c)

@@ -1,0 +1,145 @@
+"""Enroll / verify / identify / embed / export on a trained model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import tensorflow as tf
+from conftest import REPO, link_subset
+
+import configuration
+import data_preprocess
+import export
+import main
+import model
+import profiles
+
+
+def _flag(flags, name):
+    return flags[flags.index(name) + 1]
+
+
+def test_tf_log_mel_matches_librosa(shared_data):
+    config = configuration.parse_config([])
+    for path in sorted((shared_data / "dspspeech20").rglob("*.flac"))[:3]:
+        wav = data_preprocess.load_audio(path, config.sr)
+        reference = data_preprocess.log_mel(wav, config)
+        ours = export.tf_log_mel(tf.constant(wav), config).numpy()
+        assert ours.shape == reference.shape
+        np.testing.assert_allclose(ours, reference, atol=1e-4)
+        voiced = export.tf_voiced_mask(tf.constant(wav), config).numpy()
+        assert abs(int(voiced.sum()) - len(data_preprocess.voiced_features(wav, config))) <= 1
+
+
+@pytest.mark.parametrize("n_frames", [40, 159, 160, 161, 239, 240, 500])
+def test_tf_windows_match_window_starts(n_frames):
+    import utils
+    features = np.arange(n_frames, dtype=np.float32)[:, None]
+    windows = export.tf_windows(tf.constant(features), 160).numpy()
+    starts = utils.window_starts(n_frames, 160)
+    assert windows.shape[0] == len(starts)
+    for window, start in zip(windows, starts):
+        np.testing.assert_array_equal(window[:, 0], features[start:start + 160, 0])
+
+
+def test_savedmodel_in_fresh_process_matches_in_process(tiny_tisv, tmp_path):
+    out = tmp_path / "exported"
+    assert main.main(tiny_tisv + ["--export", str(out)]) == 0
+    wav_path = Path(_flag(tiny_tisv, "--synthetic_path")) / "spk03" / "free_04.wav"
+    config, encoder = model.load_trained(configuration.parse_config(tiny_tisv))
+    expected = profiles.embed_paths(model.make_embedder(encoder, config.n_mels), [wav_path],
+                                    config)[0]
+    script = ("import sys, numpy as np, soundfile as sf, tensorflow as tf\n"
+              "m = tf.saved_model.load(sys.argv[1])\n"
+              "wav, _ = sf.read(sys.argv[2], dtype='float32')\n"
+              "out = m.signatures['serving_default'](waveform=tf.constant(wav))['d_vector']\n"
+              "np.save(sys.argv[3], out.numpy())\n")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    subprocess.run([sys.executable, "-c", script, str(out), str(wav_path),
+                    str(tmp_path / "d.npy")], check=True, env=env, cwd=tmp_path)
+    exported = np.load(tmp_path / "d.npy", allow_pickle=False)
+    # Documented tolerance: the tf.signal front end differs from librosa by ~1e-5 in log10 units.
+    np.testing.assert_allclose(exported, expected, atol=1e-4)
+
+
+def test_enroll_replace_extend_and_errors(tiny_tisv, capsys):
+    root = Path(_flag(tiny_tisv, "--synthetic_path"))
+    files = [str(root / "spk00" / f"free_0{i}.wav") for i in range(3)]
+    assert main.main(tiny_tisv + ["--enroll", "alice", "--audio", *files[:2]]) == 0
+    assert "enrolled 'alice' with 2 file(s)" in capsys.readouterr().out
+    assert main.main(tiny_tisv + ["--enroll", "alice", "--extend", "True", "--audio",
+                                  files[2]]) == 0
+    assert "extended 'alice' with 3 file(s)" in capsys.readouterr().out
+    profile = Path(_flag(tiny_tisv, "--model_path")) / "profiles"
+    assert np.load(profile / "alice.npy", allow_pickle=False).shape[0] == 3
+    assert main.main(tiny_tisv + ["--enroll", "alice", "--audio", files[0]]) == 0
+    assert "replaced 'alice' with 1 file(s)" in capsys.readouterr().out
+
+    assert main.main(tiny_tisv + ["--verify", "bob", "--audio", files[0]]) == 2
+    assert "no profile 'bob'" in capsys.readouterr().err
+    assert main.main(tiny_tisv + ["--verify", "alice", "--threshold", "0.5", "--audio",
+                                  str(root / "missing.wav")]) == 2
+    assert "missing.wav: no such audio file" in capsys.readouterr().err
+    assert main.main(tiny_tisv + ["--verify", "alice", "--threshold", "0.5", "--audio",
+                                  str(REPO / "README.md")]) == 2
+    assert "README.md: not readable audio" in capsys.readouterr().err
+    assert main.main(tiny_tisv + ["--enroll", "../evil", "--audio", files[0]]) == 2
+    assert "profile name" in capsys.readouterr().err
+
+    meta = json.loads((profile / "alice.json").read_text())
+    meta["model"] = "0" * 16
+    (profile / "alice.json").write_text(json.dumps(meta))
+    assert main.main(tiny_tisv + ["--verify", "alice", "--threshold", "0.5", "--audio",
+                                  files[1]]) == 2
+    assert "enrolled with another model" in capsys.readouterr().err
+
+
+def test_embed_folder_writes_safe_npz_and_skips_bad_files(tiny_tisv, tmp_path, capsys):
+    root = Path(_flag(tiny_tisv, "--synthetic_path"))
+    folder = tmp_path / "audio"
+    (folder / "a").mkdir(parents=True)
+    for name in ("free_00.wav", "free_01.wav"):
+        (folder / "a" / name).symlink_to(root / "spk01" / name)
+    sf.write(folder / "a" / "silence.wav", np.zeros(16000, np.float32), 16000)
+    out = tmp_path / "vectors.npz"
+    assert main.main(tiny_tisv + ["--embed", "--audio_path", str(folder), "--out", str(out)]) == 0
+    assert "1 file(s) skipped" in capsys.readouterr().out
+    with np.load(out, allow_pickle=False) as data:
+        assert list(data["paths"]) == ["a/free_00.wav", "a/free_01.wav"]
+        assert data["d_vectors"].shape == (2, 8)
+        np.testing.assert_allclose(np.linalg.norm(data["d_vectors"], axis=1), 1.0, atol=1e-5)
+
+
+def test_real_speech_enroll_verify_identify(shared_data, tmp_path, capsys):
+    """A small model trained on real voices separates two held-out speakers."""
+    root = link_subset(shared_data / "dspspeech20", tmp_path / "dsp", speakers=10,
+                       per_speaker=60)
+    flags = ["--audio_path", str(root), "--train_path", str(tmp_path / "train"),
+             "--test_path", str(tmp_path / "test"), "--model_path", str(tmp_path / "model"),
+             "--results_path", str(tmp_path / "results"), "--test_ratio", "0.2",
+             "--hidden", "48", "--proj", "24", "--N", "4", "--M", "6", "--draws", "2"]
+    assert data_preprocess.main(flags) == 0
+    model.train(configuration.parse_config(flags + [
+        "--iteration", "250", "--optim", "adam", "--lr", "3e-3", "--beta1", "0.9",
+        "--beta2", "0.999", "--save_every", "250"]))
+    assert main.main(flags + ["--train", "False"]) == 0
+    alice, bob = json.loads((tmp_path / "test" / "manifest.json").read_text())["speakers"]
+    files = {s: sorted((root / s).glob("*.flac")) for s in (alice, bob)}
+    # Enroll on two words, test on another: text-independent use of real recordings.
+    for speaker in (alice, bob):
+        enrol = [str(f) for f in files[speaker] if "-06-" in f.name or "-13-" in f.name][:8]
+        assert main.main(flags + ["--enroll", speaker, "--audio", *enrol]) == 0
+    held_out = {s: str(next(f for f in files[s] if "-19-" in f.name)) for s in (alice, bob)}
+    capsys.readouterr()
+    assert main.main(flags + ["--verify", alice, "--audio", held_out[alice]]) == 0
+    assert "ACCEPT" in capsys.readouterr().out
+    assert main.main(flags + ["--verify", alice, "--audio", held_out[bob]]) == 0
+    assert "REJECT" in capsys.readouterr().out
+    assert main.main(flags + ["--identify", "--audio", held_out[bob]]) == 0
+    ranking = capsys.readouterr().out.splitlines()
+    assert ranking[1].split()[1] == bob
