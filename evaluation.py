@@ -127,7 +127,7 @@ def write_scores(path: Path, trials, scores: np.ndarray) -> None:
 def test(config: argparse.Namespace) -> dict:
     """Evaluate a trained model: similarity-matrix draws, trial scoring, AS-norm, figures."""
     config, encoder = model.load_trained(config)
-    embed = model.make_embedder(encoder, config.n_mels)
+    embed = model.make_embedder(encoder, config.n_mels, config.window_frames)
     mode = "TD-SV" if config.tdsv else "TI-SV"
     model_path, results = Path(config.model_path), Path(config.results_path)
     summary: dict = {"mode": mode}

@@ -161,8 +161,8 @@ def embed_folder(config: argparse.Namespace) -> Path:
             skipped.append(str(error))
     if not features:
         raise ValueError(f"--audio_path {root}: no usable audio ({skipped[0]})")
-    vectors = model.utterance_d_vectors(model.make_embedder(encoder, config.n_mels), features,
-                                        config.window_frames)
+    embed = model.make_embedder(encoder, config.n_mels, config.window_frames)
+    vectors = model.utterance_d_vectors(embed, features, config.window_frames)
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")

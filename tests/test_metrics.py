@@ -322,3 +322,12 @@ def test_as_norm_matches_direct_formula(top_k):
     got = utils.as_norm(scores, enroll_cohort, test_cohort, top_k)
     expected = _reference_as_norm(scores, enroll_cohort, test_cohort, top_k)
     np.testing.assert_allclose(got, expected, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 20])
+def test_xla_embedder_matches_plain_graph(tiny_embedder, batch):
+    model, encoder, plain = tiny_embedder
+    windows = np.random.default_rng(batch).normal(0.0, 1.0, (batch, 6, 4)).astype(np.float32)
+    compiled = model.make_embedder(encoder, 4, window=6)
+    np.testing.assert_allclose(compiled(windows), plain(windows), atol=1e-5)
+    np.testing.assert_allclose(plain(windows), encoder(windows).numpy(), atol=1e-6)

@@ -28,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# torch's OpenMP threads spin while waiting; on a shared (oversubscribed) CPU that makes the peer
+# 10-100x slower than it really is. Passive waiting keeps the comparison fair.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -47,11 +50,15 @@ def load() -> list[float]:
         return []
 
 
-def median_ms(fn, steps: int, warmup: int) -> float:
+def median_ms(fn, steps: int, warmup: int, budget: float = 60.0) -> float:
+    """Median wall time (ms) of up to steps calls after warmup; stops early past budget seconds."""
     for _ in range(warmup):
         fn()
-    times = []
+    times: list[float] = []
+    deadline = time.perf_counter() + budget
     for _ in range(steps):
+        if times and time.perf_counter() > deadline:
+            break
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -110,7 +117,7 @@ def peer_train_step(torch, config, n: int, m: int, x: np.ndarray):
         b.grad *= 0.01
         torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
         optimizer.step()
-        return float(loss)
+        return loss.item()
 
     return step
 
@@ -137,7 +144,8 @@ def bench_training(config_args, torch, quick: bool, peak: float, rows: list, res
         optimizer = model.build_optimizer(config)
         step = model.make_train_step(encoder, scale, optimizer, config)
         features = tf.constant(x)
-        ms = median_ms(lambda: float(step(features)[0]), steps, warmup=2)
+        ms = median_ms(lambda s=step, f=features: float(s(f)[0]), steps, warmup=1 if quick else 2,
+                       budget=20 if quick else 120)
         flops = 3 * 2 * macs_per_frame(config.n_mels, config.hidden, config.proj,
                                        config.num_layer) * n * m * T
         entry = {"N": n, "M": m, "T": T, "ours_ms_per_step": round(ms, 1),
@@ -146,7 +154,8 @@ def bench_training(config_args, torch, quick: bool, peak: float, rows: list, res
                  "fraction_of_numpy_peak": round(flops / ms / 1e6 / peak, 3)}
         if torch is not None:
             peer = peer_train_step(torch, config, n, m, x)
-            peer_ms = median_ms(peer, steps, warmup=2)
+            peer_ms = median_ms(peer, steps, warmup=1 if quick else 2,
+                                budget=20 if quick else 120)
             entry.update(peer_ms_per_step=round(peer_ms, 1),
                          peer_utterances_per_s=round(n * m / peer_ms * 1000, 1),
                          speedup_vs_peer=round(peer_ms / ms, 2))
@@ -167,11 +176,11 @@ def bench_embedding(config_args, torch, quick: bool, rows: list, result: dict):
     result["embedding"] = []
     for batch, steps in ((1, 20 if quick else 100), (256, 3 if quick else 10)):
         x = np.random.default_rng(1).standard_normal((batch, T, config.n_mels)).astype(np.float32)
-        ms = median_ms(lambda: np.asarray(embed(x)), steps, warmup=3)
+        ms = median_ms(lambda x=x: np.asarray(embed(x)), steps, warmup=3)
         entry = {"batch": batch, "T": T, "ours_ms_per_call": round(ms, 2),
                  "ours_dvectors_per_s": round(batch / ms * 1000, 1)}
         if peer is not None:
-            peer_ms = median_ms(lambda: peer(x), steps, warmup=3)
+            peer_ms = median_ms(lambda x=x: peer(x), steps, warmup=3)
             entry.update(peer_ms_per_call=round(peer_ms, 2),
                          peer_dvectors_per_s=round(batch / peer_ms * 1000, 1),
                          speedup_vs_peer=round(peer_ms / ms, 2))
@@ -184,8 +193,8 @@ def bench_embedding(config_args, torch, quick: bool, rows: list, result: dict):
                          entry.get("peer_ms_per_call"), None))
 
 
-def sample_files(count: int) -> list[Path]:
-    files = sorted(DATA.rglob("*.flac")) + sorted(DATA.rglob("*.wav"))
+def sample_files(root: Path, count: int) -> list[Path]:
+    files = sorted(root.rglob("*.flac")) + sorted(root.rglob("*.wav"))
     if not files:
         return []
     step = max(1, len(files) // count)
@@ -262,6 +271,8 @@ def main(argv=None) -> int:
     parser.add_argument("--files", type=int, default=0, help="audio files (default 200, quick 40)")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for TF (intra-op) and torch; 0 = library defaults")
+    parser.add_argument("--audio", default=str(DATA),
+                        help="folder of .flac/.wav files for the feature and pipeline rows")
     parser.add_argument("--out", default=str(ROOT / "Results" / "benchmark_speed.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -278,6 +289,7 @@ def main(argv=None) -> int:
                           "tensorflow": tf.__version__, "numpy": np.__version__,
                           "torch": getattr(torch, "__version__", None),
                           "threads": args.threads or "default",
+                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                           "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
                           "load_before": load()},
               "quick": args.quick}
@@ -289,12 +301,12 @@ def main(argv=None) -> int:
     result["numpy_peak_gflops"] = round(peak, 1)
     bench_training(config_args, torch, args.quick, peak, rows, result)
     bench_embedding(config_args, torch, args.quick, rows, result)
-    files = sample_files(args.files or (40 if args.quick else 200))
+    files = sample_files(Path(args.audio), args.files or (40 if args.quick else 200))
     if files:
         bench_features(config_args, files, rows, result)
         bench_pipeline(config_args, files[: max(10, len(files) // 2)], rows, result)
     else:
-        print(f"no audio under {DATA}: feature and pipeline rows skipped")
+        print(f"no audio under {args.audio}: feature and pipeline rows skipped")
     result["machine"]["load_after"] = load()
     result["seconds"] = round(time.perf_counter() - started, 1)
 
