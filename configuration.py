@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,10 @@ from pathlib import Path
 # evaluated with the values it was trained with.
 SHAPE_KEYS = ("tdsv", "sr", "nfft", "window", "hop", "n_mels", "tdsv_frame", "hidden", "proj",
               "num_layer")
+# Flags that fix the optimizer state, learning-rate schedule and batches; `--train True --restore
+# True` takes them from the saved config so a resumed run continues the interrupted one exactly.
+RESUME_KEYS = ("optim", "lr", "lr_decay_every", "beta1", "beta2", "clip_norm", "loss", "N", "M",
+               "seed", "tisv_frame", "tisv_frame_min", "snr_db")
 
 
 def str2bool(value: str) -> bool:
@@ -24,37 +29,66 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True/False/yes/no/1/0, got {value!r}")
 
 
+def _number(value: str, kind: type, expected: str) -> int | float:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    # nan and inf parse as floats but are never a usable setting.
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+    return number
+
+
 def _positive_int(value: str) -> int:
-    number = int(value)
+    number = _number(value, int, "a positive integer")
     if number <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return number
 
 
 def _non_negative_int(value: str) -> int:
-    number = int(value)
+    number = _number(value, int, "an integer >= 0")
     if number < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
     return number
 
 
+def _finite_float(value: str) -> float:
+    return _number(value, float, "a finite number")
+
+
 def _positive_float(value: str) -> float:
-    number = float(value)
+    number = _number(value, float, "a positive number")
     if not number > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
     return number
 
 
 def _fraction(value: str) -> float:
-    number = float(value)
+    number = _number(value, float, "a number between 0 and 1")
     if not 0.0 < number < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value!r}")
     return number
 
 
+def _decay(value: str) -> float:
+    number = _number(value, float, "a number in [0, 1)")
+    if not 0.0 <= number < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}")
+    return number
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line naming the flag, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All flags of the toolkit, with the original script set's names and defaults."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="GE2E speaker verification (Wan et al., ICASSP 2018) on TensorFlow 2.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
 
@@ -73,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="preprocessed test features")
     data.add_argument("--test_ratio", type=_fraction, default=0.2,
                       help="fraction of speakers held out for testing")
-    data.add_argument("--seed", type=int, default=0, help="seed for splits, batches and init")
+    data.add_argument("--seed", type=_non_negative_int, default=0,
+                      help="seed for splits, batches and init")
     data.add_argument("--tdsv", type=str2bool, default=False,
                       help="text-dependent (True) or text-independent (False) verification")
     data.add_argument("--tdsv_phrase", type=str, default="",
@@ -125,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--M", type=_positive_int, default=5, help="utterances per speaker")
     training.add_argument("--noise_filenum", type=_positive_int, default=16,
                           help="TD-SV: noise clips kept for augmentation")
-    training.add_argument("--snr_db", type=float, nargs=2, default=(5.0, 20.0),
+    training.add_argument("--snr_db", type=_finite_float, nargs=2, default=(5.0, 20.0),
                           metavar=("LOW", "HIGH"), help="TD-SV: noise SNR range (dB)")
     training.add_argument("--loss", type=str, default="softmax", choices=("softmax", "contrast"),
                           help="GE2E loss (eq. 6 or eq. 7)")
@@ -134,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--lr", type=_positive_float, default=1e-2, help="learning rate")
     training.add_argument("--lr_decay_every", type=_positive_int, default=10000,
                           help="halve the learning rate every this many steps")
-    training.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
-    training.add_argument("--beta2", type=float, default=0.9, help="Adam beta2 / RMSProp rho")
+    training.add_argument("--beta1", type=_decay, default=0.5, help="Adam beta1")
+    training.add_argument("--beta2", type=_decay, default=0.9, help="Adam beta2 / RMSProp rho")
     training.add_argument("--clip_norm", type=_positive_float, default=3.0,
                           help="global-norm gradient clipping")
     training.add_argument("--iteration", type=_positive_int, default=3000,
@@ -175,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     use.add_argument("--audio", type=str, nargs="+", default=[], metavar="FILE",
                      help="audio files for --enroll, --verify, --identify")
     use.add_argument("--out", type=str, default="", help="--embed: output .npz file")
-    use.add_argument("--threshold", type=float, default=None,
+    use.add_argument("--threshold", type=_finite_float, default=None,
                      help="--verify: decision threshold (default: the model's EER threshold)")
     return parser
 
@@ -201,6 +236,8 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--enroll, --verify and --identify need --audio FILE")
     if config.tisv_frame_min > config.tisv_frame:
         parser.error("--tisv_frame_min must not exceed --tisv_frame")
+    if config.snr_db[0] > config.snr_db[1]:
+        parser.error(f"--snr_db LOW HIGH: LOW {config.snr_db[0]} exceeds HIGH {config.snr_db[1]}")
     if config.M < 2:
         parser.error("--M must be at least 2 (GE2E needs exclusive centroids)")
     if config.N < 2:
@@ -229,20 +266,27 @@ def save_config(config: argparse.Namespace, path: str | os.PathLike) -> None:
 def load_config(path: str | os.PathLike) -> dict:
     """Read a config saved by save_config."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: cannot read the saved config ({error})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: expected a JSON object of flags, got {type(saved).__name__}")
+    return saved
 
 
 def merge_saved_config(config: argparse.Namespace, saved: dict) -> argparse.Namespace:
-    """Take shape flags from the saved config; a conflicting flag typed by the user is an error."""
+    """Take shape flags (and, when resuming training, RESUME_KEYS) from the saved config; a
+    conflicting flag typed by the user is an error."""
     merged = argparse.Namespace(**vars(config))
     explicit = set(getattr(config, "explicit", ()))
-    for key in SHAPE_KEYS:
+    keys = SHAPE_KEYS + (RESUME_KEYS if config.train and config.restore else ())
+    for key in keys:
         if key not in saved:
             continue
-        if key in explicit and getattr(config, key) != saved[key]:
-            raise ValueError(f"--{key} {getattr(config, key)} conflicts with the model's saved "
+        # JSON turns tuples (--snr_db) into lists.
+        value = list(getattr(config, key)) if key == "snr_db" else getattr(config, key)
+        if key in explicit and value != saved[key]:
+            raise ValueError(f"--{key} {value} conflicts with the model's saved "
                              f"config ({key}={saved[key]}); drop the flag or use another "
                              f"--model_path")
         setattr(merged, key, saved[key])

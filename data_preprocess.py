@@ -12,7 +12,9 @@ import csv
 import functools
 import multiprocessing
 import re
+import struct
 import sys
+from collections import Counter
 from pathlib import Path
 
 import librosa
@@ -28,10 +30,15 @@ AUDIO_EXTENSIONS = (".wav", ".flac")
 LOG_FLOOR = 1e-6  # digital silence in the recordings must not give log(0)
 NOISE_SECONDS_PER_FILE = 30.0
 SYNTHETIC_PHRASE_PATTERN = r"phrase_\d+\.wav$"
+SPEAKER_SKIPPED = "speaker below --min_utterances"  # the kind of a skipped-speaker entry
 
 
 class AudioError(ValueError):
-    """A file that cannot be used, with the reason."""
+    """A file that cannot be used: a short kind (counted in the summary line) and the details."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
 
 
 def feature_settings(config: argparse.Namespace) -> dict:
@@ -102,21 +109,49 @@ def select_phrase(tree: dict[str, list[str]], transcripts: dict[str, str], phras
     return selected
 
 
+def wav_truncation(path: str | Path) -> str | None:
+    """Why a RIFF/WAVE file is cut short (its data chunk runs past the end), else None."""
+    with open(path, "rb") as handle:
+        header = handle.read(12)
+        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+            return None
+        size = Path(path).stat().st_size
+        position = 12
+        while position + 8 <= size:
+            handle.seek(position)
+            chunk_id, length = struct.unpack("<4sI", handle.read(8))
+            if chunk_id == b"data":
+                # 0 and 0xFFFFFFFF are placeholders of streaming writers, not a promise.
+                if 0 < length < 0xFFFFFFFF and position + 8 + length > size:
+                    return (f"the data chunk declares {length} bytes but the file holds "
+                            f"{size - position - 8}")
+                return None
+            position += 8 + length + (length & 1)
+    return None
+
+
 def load_audio(path: str | Path, sr: int) -> np.ndarray:
     """Mono float32 waveform at sr: any channel count, sample format or rate; soxr resampling."""
     try:
+        # libsndfile silently reads what is left of a truncated WAV; a cut recording is a bad file.
+        truncated = wav_truncation(path)
         wav, file_sr = sf.read(path, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError) as error:
-        raise AudioError(f"not readable audio ({str(error).splitlines()[0]})") from None
+    except sf.LibsndfileError as error:
+        raise AudioError("unreadable", f"not readable audio ({error.error_string.strip()})"
+                         ) from None
+    except (RuntimeError, OSError) as error:
+        raise AudioError("unreadable", f"not readable audio ({str(error).splitlines()[0]})") from None
+    if truncated:
+        raise AudioError("truncated", f"truncated: {truncated}")
     if wav.shape[0] == 0:
-        raise AudioError("no samples")
+        raise AudioError("empty", "no samples")
     wav = wav.mean(axis=1)
     if not np.all(np.isfinite(wav)):
-        raise AudioError("NaN or Inf samples")
+        raise AudioError("non-finite", "NaN or Inf samples")
     if file_sr != sr:
         wav = librosa.resample(wav, orig_sr=file_sr, target_sr=sr, res_type="soxr_hq")
     if np.max(np.abs(wav)) < 1e-5:
-        raise AudioError("silent (peak below -100 dBFS)")
+        raise AudioError("silent", "silent (peak below -100 dBFS)")
     return wav.astype(np.float32)
 
 
@@ -145,7 +180,8 @@ def voiced_features(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
         keep[start // hop:-(-end // hop)] = True
     voiced = features[keep]
     if len(voiced) < config.min_frames:
-        raise AudioError(f"only {len(voiced)} voiced frames (--min_frames {config.min_frames})")
+        raise AudioError("too short", f"too short: {len(voiced)} voiced frames, expected at least "
+                                      f"--min_frames {config.min_frames}")
     return voiced
 
 
@@ -157,7 +193,8 @@ def phrase_waveform(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
                                            hop_length=hop)
     voiced = end - start
     if voiced < config.min_frames * hop // 4:
-        raise AudioError(f"only {voiced} voiced samples")
+        raise AudioError("too short", f"too short: {voiced} voiced samples, expected at least "
+                                      f"{config.min_frames * hop // 4} (--min_frames / 4)")
     centre = (start + end) // 2
     lo = max(0, min(centre - length // 2, len(wav) - length))
     segment = wav[lo:lo + length]
@@ -190,10 +227,9 @@ def _speaker_job(job: tuple) -> tuple[str, bool, list[dict]]:
     out_dir = Path(out_dir)
     settings = feature_settings(config)
     sidecar = out_dir / f"{speaker}.json"
-    if sidecar.exists():
-        done = configuration.load_config(sidecar)
-        if done.get("settings") == settings and done.get("paths") == paths:
-            return speaker, bool(done["utterances"]), done["skipped"]
+    done = _finished_speaker(sidecar, out_dir / f"{speaker}.npy", settings, paths)
+    if done is not None:
+        return speaker, bool(done["utterances"]), done["skipped"]
     arrays, kept, skipped = [], [], []
     for relative in paths:
         try:
@@ -202,11 +238,12 @@ def _speaker_job(job: tuple) -> tuple[str, bool, list[dict]]:
                           else voiced_features(wav, config))
             kept.append(relative)
         except AudioError as error:
-            skipped.append({"path": relative, "reason": str(error)})
+            skipped.append({"path": relative, "kind": error.kind, "reason": str(error)})
     usable = len(kept) >= config.min_utterances
     if not usable:
-        skipped.append({"path": speaker, "reason": f"speaker has {len(kept)} usable utterances "
-                                                   f"(--min_utterances {config.min_utterances})"})
+        skipped.append({"path": speaker, "kind": SPEAKER_SKIPPED,
+                        "reason": f"{len(kept)} usable utterances, expected at least "
+                                  f"--min_utterances {config.min_utterances}"})
         kept, arrays = [], []
     else:
         stacked = np.stack(arrays) if config.tdsv else np.concatenate(arrays)
@@ -215,6 +252,34 @@ def _speaker_job(job: tuple) -> tuple[str, bool, list[dict]]:
         "settings": settings, "paths": paths, "utterances": kept, "skipped": skipped,
         "lengths": [len(a) for a in arrays]})
     return speaker, usable, skipped
+
+
+def _finished_speaker(sidecar: Path, array: Path, settings: dict, paths: list[str]
+                      ) -> dict | None:
+    """The sidecar of a speaker completed with these settings and files, else None (redo it)."""
+    try:
+        done = configuration.load_config(sidecar)
+    except ValueError:  # missing, or left unreadable by something other than this program
+        return None
+    complete = (done.get("settings") == settings and done.get("paths") == paths
+                and isinstance(done.get("utterances"), list)
+                and isinstance(done.get("skipped"), list))
+    if not complete or (done["utterances"] and not array.exists()):
+        return None
+    return done
+
+
+def skip_summary(skipped: list[dict]) -> str:
+    """'3 files (2 unreadable, 1 silent) and 1 speaker' for a summary line."""
+    kinds = Counter(entry.get("kind", "other") for entry in skipped)
+    speakers = kinds.pop(SPEAKER_SKIPPED, 0)
+    files = sum(kinds.values())
+    detail = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+    text = f"{files} file{'s' * (files != 1)}" + (f" ({detail})" if detail else "")
+    if speakers:
+        text += (f" and {speakers} speaker{'s' * (speakers != 1)} with too few usable "
+                 f"utterances")
+    return text
 
 
 def find_noise_files(noise_path: str | Path) -> list[tuple[Path, Path | None]]:
@@ -248,10 +313,10 @@ def build_noise(config: argparse.Namespace) -> tuple[np.ndarray, list[dict]]:
             noise = noise[:limit]
             rms = float(np.sqrt(np.mean(noise ** 2)))
             if rms < 1e-6:
-                raise AudioError("noisy and clean files are identical")
+                raise AudioError("no noise", "noisy and clean files are identical")
             pieces.append(noise / rms)
         except AudioError as error:
-            skipped.append({"path": str(noisy), "reason": str(error)})
+            skipped.append({"path": str(noisy), "kind": error.kind, "reason": str(error)})
     if not pieces:
         raise ValueError(f"--noise_path {config.noise_path}: no usable noise file")
     return np.concatenate(pieces).astype(np.float32), skipped
@@ -275,6 +340,10 @@ def preprocess(config: argparse.Namespace) -> dict:
     for split, speakers, out_dir in (("train", train_speakers, config.train_path),
                                      ("test", test_speakers, config.test_path)):
         Path(out_dir).mkdir(parents=True, exist_ok=True)
+        # A run killed mid-write leaves its temp files; the finished files are all renamed ones.
+        for pattern in ("*.npy.tmp", "*.json.tmp"):
+            for leftover in Path(out_dir).glob(pattern):
+                leftover.unlink()
         jobs = [(root, s, tree[s], out_dir, config) for s in speakers]
         usable, skipped = [], []
         with multiprocessing.get_context("spawn").Pool(config.workers) if config.workers > 1 \
@@ -285,6 +354,8 @@ def preprocess(config: argparse.Namespace) -> dict:
                 if ok:
                     usable.append(speaker)
                 skipped.extend(bad)
+        # Sorted: with --workers > 1 speakers finish in any order, the manifest must not vary.
+        skipped.sort(key=lambda entry: entry["path"])
         manifest = {"settings": feature_settings(config), "source": summary["source"],
                     "split": split, "speakers": sorted(usable), "skipped": skipped}
         if split == "train" and config.tdsv and config.noise_path:
@@ -294,8 +365,8 @@ def preprocess(config: argparse.Namespace) -> dict:
             manifest["skipped"].extend(bad_noise)
         utils.atomic_save_json(Path(out_dir) / "manifest.json", manifest)
         n_files = sum(len(tree[s]) for s in speakers)
-        print(f"{split}: {len(usable)} speakers written to {out_dir}, "
-              f"{len(skipped)} files/speakers skipped of {n_files} files "
+        print(f"{split}: {len(usable)} of {len(speakers)} speakers written to {out_dir}; "
+              f"skipped {skip_summary(skipped)} of {n_files} files "
               f"(reasons in {Path(out_dir) / 'manifest.json'})")
         summary[split] = manifest
     return summary
@@ -319,13 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     config = configuration.parse_config(argv)
     try:
         summary = preprocess(config)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not summary["train"]["speakers"] or not summary["test"]["speakers"]:
-        print("error: nothing usable was left after skipping bad files (see the manifests)",
-              file=sys.stderr)
-        return 1
+    for split in ("train", "test"):
+        if not summary[split]["speakers"]:
+            manifest = Path(getattr(config, f"{split}_path")) / "manifest.json"
+            print(f"error: no usable {split} speaker was left after skipping bad files "
+                  f"(reasons in {manifest})", file=sys.stderr)
+            return 1
     return 0
 
 

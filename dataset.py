@@ -27,7 +27,7 @@ class SpeakerStore:
         self.offsets: dict[str, np.ndarray] = {}
         self.names: dict[str, list[str]] = {}
         for speaker in self.speakers:
-            sidecar = json.loads((path / f"{speaker}.json").read_text())
+            sidecar = _read_json(path / f"{speaker}.json", ("lengths", "utterances"))
             self.offsets[speaker] = np.concatenate([[0], np.cumsum(sidecar["lengths"])])
             self.names[speaker] = sidecar["utterances"]
         self._arrays: dict[str, np.ndarray] = {}
@@ -65,6 +65,19 @@ class SpeakerStore:
         return [np.asarray(self.utterance(speaker, i)) for i in range(self.num_utterances(speaker))]
 
 
+def _read_json(file: Path, keys: tuple[str, ...]) -> dict:
+    """A JSON object written by data_preprocess.py that has the given keys."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file}: unreadable ({error}); re-run data_preprocess.py") from None
+    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise ValueError(f"{file}: expected the keys {', '.join(keys)} written by "
+                         f"data_preprocess.py, {', '.join(missing)} missing; re-run it")
+    return data
+
+
 def open_store(path: str, config: argparse.Namespace, split: str) -> SpeakerStore:
     """Open a preprocessed split, checking its feature settings against the config."""
     path = Path(path)
@@ -72,13 +85,13 @@ def open_store(path: str, config: argparse.Namespace, split: str) -> SpeakerStor
     if not manifest_file.exists():
         raise ValueError(f"{manifest_file} not found; run python data_preprocess.py first "
                          f"(or point --{split}_path at preprocessed features)")
-    manifest = json.loads(manifest_file.read_text())
+    manifest = _read_json(manifest_file, ("settings", "speakers"))
     settings = manifest["settings"]
     expected_kind = "tdsv" if config.tdsv else "tisv"
-    if settings["kind"] != expected_kind:
-        raise ValueError(f"{path} holds {settings['kind']} data but --tdsv is {config.tdsv}")
+    if settings.get("kind") != expected_kind:
+        raise ValueError(f"{path} holds {settings.get('kind')} data but --tdsv is {config.tdsv}")
     for key in CHECKED_SETTINGS:
-        if settings[key] != getattr(config, key):
+        if settings.get(key) != getattr(config, key):
             raise ValueError(f"{path} was preprocessed with {key}={settings[key]} but --{key} is "
                              f"{getattr(config, key)}; re-run data_preprocess.py or fix the flag")
     if len(manifest["speakers"]) < 2:

@@ -11,6 +11,8 @@ import configuration
 def main(argv: list[str] | None = None) -> int:
     config = configuration.parse_config(argv)
     # TensorFlow loads only after the flags are known to be valid.
+    import tensorflow as tf
+
     import evaluation
     import export
     import model
@@ -31,8 +33,14 @@ def main(argv: list[str] | None = None) -> int:
             model.train(config)
         else:
             evaluation.test(config)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+    except (ValueError, OSError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except tf.errors.OpError as error:
+        # A missing or damaged checkpoint file surfaces from TensorFlow's reader; its message
+        # names the file on the first line and then carries a long C++ trace.
+        print(f"error: {error.message.splitlines()[0]} (a missing or damaged checkpoint? "
+              f"restore from another one or retrain)", file=sys.stderr)
         return 2
     return 0
 

@@ -184,6 +184,16 @@ def _checkpoint(encoder, scale, optimizer=None) -> tf.train.Checkpoint:
     return tf.train.Checkpoint(**objects)
 
 
+def _restore(checkpoint: tf.train.Checkpoint, path: str, partial: bool = False) -> None:
+    """Restore, turning TensorFlow's errors on a damaged checkpoint into one line."""
+    try:
+        status = checkpoint.restore(path)
+        (status.expect_partial() if partial else status).assert_existing_objects_matched()
+    except (tf.errors.OpError, AssertionError, ValueError, IndexError) as error:
+        raise ValueError(f"{path}: cannot restore checkpoint ({str(error).splitlines()[0]})"
+                         ) from None
+
+
 def _set_seeds(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
@@ -214,7 +224,7 @@ def train(config: argparse.Namespace) -> dict:
     if config.restore:
         if manager.latest_checkpoint is None:
             raise ValueError(f"--restore True but {model_path / 'checkpoints'} holds no checkpoint")
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        _restore(checkpoint, manager.latest_checkpoint)
     configuration.save_config(config, model_path / "config.json")
 
     step = int(optimizer.iterations.numpy())
@@ -231,13 +241,16 @@ def train(config: argparse.Namespace) -> dict:
     with writer.as_default(), tqdm(total=config.iteration, initial=step, unit="step",
                                    desc="train", dynamic_ncols=True) as bar:
         for features in batches:
-            loss, _ = train_step(features)
+            loss, norm = train_step(features)
             step += 1
-            loss = float(loss)
-            if not math.isfinite(loss):
+            loss, norm = float(loss), float(norm)
+            # A finite loss can still come with NaN gradients (e.g. Inf features): check both
+            # before anything is saved.
+            if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise FloatingPointError(
-                    f"loss became {loss} at step {step}; the last good checkpoint is "
-                    f"{manager.latest_checkpoint or 'none'} (try a lower --lr)")
+                    f"loss {loss} / gradient norm {norm} at step {step}; the last good "
+                    f"checkpoint is {manager.latest_checkpoint or 'none'} (try a lower --lr, "
+                    f"or check the features)")
             losses.append(loss)
             running = loss if running is None else 0.95 * running + 0.05 * loss
             bar.update(1)
@@ -276,11 +289,7 @@ def load_trained(config: argparse.Namespace) -> tuple[argparse.Namespace, Speake
         path = tf.train.latest_checkpoint(checkpoint_dir)
         if path is None:
             raise ValueError(f"{checkpoint_dir}: no checkpoint found")
-    try:
-        _checkpoint(encoder, scale).restore(path).expect_partial().assert_existing_objects_matched()
-    except (tf.errors.OpError, AssertionError, ValueError) as error:
-        raise ValueError(f"{path}: cannot restore checkpoint ({str(error).splitlines()[0]})"
-                         ) from None
+    _restore(_checkpoint(encoder, scale), path, partial=True)
     return config, encoder
 
 

@@ -103,20 +103,27 @@ def speaker_model(d_vectors: np.ndarray) -> np.ndarray:
 
 def parse_trials(path: str | os.PathLike) -> list[tuple[int, str, str]]:
     """VoxCeleb-format trial lines `label enrol test` (1 target, 0 nontarget)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"--trials {path}: expected a UTF-8 text file") from None
+    except OSError as error:
+        raise FileNotFoundError(f"--trials {path}: cannot read the trial list "
+                                f"({error.strerror})") from None
     trials = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 3 or fields[0] not in ("0", "1"):
-                raise ValueError(f"{path}:{number}: expected 'label enrol test' with label 0 or 1,"
-                                 f" got {line.strip()!r}")
-            for name in fields[1:]:
-                if Path(name).is_absolute() or ".." in Path(name).parts:
-                    raise ValueError(f"{path}:{number}: {name!r} must be a path inside "
-                                     f"--audio_path (no absolute paths or '..')")
-            trials.append((int(fields[0]), fields[1], fields[2]))
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 3 or fields[0] not in ("0", "1"):
+            raise ValueError(f"{path}:{number}: expected 'label enrol test' with label 0 or 1,"
+                             f" got {line.strip()!r}")
+        for name in fields[1:]:
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"{path}:{number}: {name!r} must be a path inside "
+                                 f"--audio_path (no absolute paths or '..')")
+        trials.append((int(fields[0]), fields[1], fields[2]))
     if not trials:
-        raise ValueError(f"{path}: no trials")
+        raise ValueError(f"--trials {path}: no trials; expected lines 'label enrol test'")
     return trials
