@@ -66,18 +66,19 @@ def similarity_matrix_test(d_vectors: dict[str, np.ndarray], config: argparse.Na
                            ) -> dict:
     """The original's test over all test speakers, repeated over random enrollment draws."""
     rng = np.random.default_rng(config.seed)
-    eers, first = [], None
+    eers, thresholds, first = [], [], None
     for _ in range(config.draws):
         scores, labels = verification_draw(d_vectors, config.enroll_ratio, rng)
         target, nontarget = split_scores(scores, labels)
         eer, threshold = utils.equal_error_rate(target, nontarget)
         eers.append(eer)
+        thresholds.append(threshold)
         if first is None:
             first = {"scores": scores, "labels": labels, "eer": eer, "threshold": threshold,
                      "far": float(np.mean(nontarget >= threshold)),
                      "frr": float(np.mean(target < threshold))}
     return {"eer_mean": float(np.mean(eers)), "eer_std": float(np.std(eers)), "eers": eers,
-            "first": first}
+            "threshold": float(np.mean(thresholds)), "first": first}
 
 
 def all_pairs_trials(names: dict[str, list[str]]) -> list[tuple[int, str, str]]:
@@ -149,8 +150,11 @@ def test(config: argparse.Namespace) -> dict:
               f"{len(store.speakers)} test speakers (draw 1: EER {100 * first['eer']:.2f}% at "
               f"threshold {first['threshold']:.4f}, FAR {100 * first['far']:.2f}%, "
               f"FRR {100 * first['frr']:.2f}%)")
+        # --verify compares a file with a profile (mean of enrollment d-vectors), as this test
+        # does; its EER threshold, not the utterance-pair one, is the default decision point.
         summary.update(eer_mean=draws["eer_mean"], eer_std=draws["eer_std"],
-                       speakers=len(store.speakers))
+                       speakers=len(store.speakers), threshold=draws["threshold"],
+                       threshold_source="similarity-matrix test, mean over draws")
         plots.similarity_matrix_figure(first["scores"], first["labels"], store.speakers,
                                        results, mode)
         plots.embedding_projection(by_speaker, results, mode)
@@ -185,7 +189,8 @@ def test(config: argparse.Namespace) -> dict:
               f"  (cohort {len(cohort)} training speakers, top {config.asnorm_topk})")
         write_scores(model_path / "scores_asnorm.txt", trials, normed)
 
-    summary["threshold"] = raw_metrics["threshold"]
+    summary.setdefault("threshold", raw_metrics["threshold"])
+    summary.setdefault("threshold_source", "trial EER")
     utils.atomic_save_json(model_path / "evaluation.json", summary)
     figures = [plots.det_curve(raw[labels == 1], raw[labels == 0], results, mode),
                plots.score_histograms(raw[labels == 1], raw[labels == 0],

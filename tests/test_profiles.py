@@ -117,18 +117,18 @@ def test_embed_folder_writes_safe_npz_and_skips_bad_files(tiny_tisv, tmp_path, c
 
 def test_real_speech_enroll_verify_identify(shared_data, tmp_path, capsys):
     """A small model trained on real voices separates two held-out speakers."""
-    root = link_subset(shared_data / "dspspeech20", tmp_path / "dsp", speakers=10,
+    root = link_subset(shared_data / "dspspeech20", tmp_path / "dsp", speakers=20,
                        per_speaker=60)
     flags = ["--audio_path", str(root), "--train_path", str(tmp_path / "train"),
              "--test_path", str(tmp_path / "test"), "--model_path", str(tmp_path / "model"),
              "--results_path", str(tmp_path / "results"), "--test_ratio", "0.2",
-             "--hidden", "48", "--proj", "24", "--N", "4", "--M", "6", "--draws", "2"]
+             "--hidden", "64", "--proj", "32", "--N", "8", "--M", "6", "--draws", "2"]
     assert data_preprocess.main(flags) == 0
     model.train(configuration.parse_config(flags + [
-        "--iteration", "250", "--optim", "adam", "--lr", "3e-3", "--beta1", "0.9",
+        "--iteration", "300", "--optim", "adam", "--lr", "3e-3", "--beta1", "0.9",
         "--beta2", "0.999", "--save_every", "250"]))
     assert main.main(flags + ["--train", "False"]) == 0
-    alice, bob = json.loads((tmp_path / "test" / "manifest.json").read_text())["speakers"]
+    alice, bob = json.loads((tmp_path / "test" / "manifest.json").read_text())["speakers"][:2]
     files = {s: sorted((root / s).glob("*.flac")) for s in (alice, bob)}
     # Enroll on two words, test on another: text-independent use of real recordings.
     for speaker in (alice, bob):
