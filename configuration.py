@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="TD-SV noise: a folder of noise recordings, or of clean/noisy pairs "
                            "(<name>_clean.wav beside <name>_noisy.wav); empty = generated noise")
     data.add_argument("--train_path", type=str, default="./data/train",
-                      help="preprocessed training features")
+                      help="preprocessed training features; several folders, comma-separated, "
+                           "are pooled (more speakers)")
     data.add_argument("--test_path", type=str, default="./data/test",
                       help="preprocessed test features")
     data.add_argument("--test_ratio", type=_fraction, default=0.2,
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--beta2", type=_decay, default=0.9, help="Adam beta2 / RMSProp rho")
     training.add_argument("--clip_norm", type=_positive_float, default=3.0,
                           help="global-norm gradient clipping")
-    training.add_argument("--iteration", type=_positive_int, default=3000,
+    training.add_argument("--iteration", type=_positive_int, default=1000,
                           help="training steps")
     training.add_argument("--save_every", type=_positive_int, default=500,
                           help="checkpoint interval (steps)")

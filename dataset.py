@@ -17,21 +17,29 @@ CHECKED_SETTINGS = ("sr", "nfft", "window", "hop", "n_mels", "tdsv_frame")
 
 
 class SpeakerStore:
-    """Per-speaker arrays of one split, memory-mapped; only utterance offsets are kept in RAM."""
+    """Per-speaker arrays of one split, memory-mapped; only utterance offsets are kept in RAM.
 
-    def __init__(self, path: Path, manifest: dict, config: argparse.Namespace):
-        self.path = path
+    Several preprocessed folders can be pooled (the paper's MultiReader idea: more speakers from
+    other material); their speakers are then named `<index>:<speaker>`.
+    """
+
+    def __init__(self, parts: list[tuple[Path, dict]], config: argparse.Namespace):
         self.config = config
-        self.tdsv = manifest["settings"]["kind"] == "tdsv"
-        self.speakers: list[str] = manifest["speakers"]
+        self.tdsv = parts[0][1]["settings"]["kind"] == "tdsv"
+        self.speakers: list[str] = []
         self.offsets: dict[str, np.ndarray] = {}
         self.names: dict[str, list[str]] = {}
-        for speaker in self.speakers:
-            sidecar = _read_json(path / f"{speaker}.json", ("lengths", "utterances"))
-            self.offsets[speaker] = np.concatenate([[0], np.cumsum(sidecar["lengths"])])
-            self.names[speaker] = sidecar["utterances"]
+        self._files: dict[str, Path] = {}
+        for index, (path, manifest) in enumerate(parts):
+            for speaker in manifest["speakers"]:
+                key = speaker if len(parts) == 1 else f"{index}:{speaker}"
+                sidecar = _read_json(path / f"{speaker}.json", ("lengths", "utterances"))
+                self.speakers.append(key)
+                self.offsets[key] = np.concatenate([[0], np.cumsum(sidecar["lengths"])])
+                self.names[key] = sidecar["utterances"]
+                self._files[key] = path / f"{speaker}.npy"
         self._arrays: dict[str, np.ndarray] = {}
-        noise = path / "noise.npy"
+        noise = parts[0][0] / "noise.npy"
         self.noise = np.load(noise, mmap_mode="r", allow_pickle=False) if noise.exists() else None
 
     @property
@@ -43,7 +51,7 @@ class SpeakerStore:
 
     def array(self, speaker: str) -> np.ndarray:
         if speaker not in self._arrays:
-            file = self.path / f"{speaker}.npy"
+            file = self._files[speaker]
             try:
                 self._arrays[speaker] = np.load(file, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as error:
@@ -78,25 +86,30 @@ def _read_json(file: Path, keys: tuple[str, ...]) -> dict:
     return data
 
 
-def open_store(path: str, config: argparse.Namespace, split: str) -> SpeakerStore:
-    """Open a preprocessed split, checking its feature settings against the config."""
-    path = Path(path)
-    manifest_file = path / "manifest.json"
-    if not manifest_file.exists():
-        raise ValueError(f"{manifest_file} not found; run python data_preprocess.py first "
-                         f"(or point --{split}_path at preprocessed features)")
-    manifest = _read_json(manifest_file, ("settings", "speakers"))
-    settings = manifest["settings"]
-    expected_kind = "tdsv" if config.tdsv else "tisv"
-    if settings.get("kind") != expected_kind:
-        raise ValueError(f"{path} holds {settings.get('kind')} data but --tdsv is {config.tdsv}")
-    for key in CHECKED_SETTINGS:
-        if settings.get(key) != getattr(config, key):
-            raise ValueError(f"{path} was preprocessed with {key}={settings[key]} but --{key} is "
-                             f"{getattr(config, key)}; re-run data_preprocess.py or fix the flag")
-    if len(manifest["speakers"]) < 2:
-        raise ValueError(f"{path}: {len(manifest['speakers'])} usable speakers; need at least 2")
-    return SpeakerStore(path, manifest, config)
+def open_store(paths: str, config: argparse.Namespace, split: str) -> SpeakerStore:
+    """Open a preprocessed split (or several, comma-separated), checking the feature settings."""
+    parts = []
+    for path in (Path(p) for p in paths.split(",")):
+        manifest_file = path / "manifest.json"
+        if not manifest_file.exists():
+            raise ValueError(f"{manifest_file} not found; run python data_preprocess.py first "
+                             f"(or point --{split}_path at preprocessed features)")
+        manifest = _read_json(manifest_file, ("settings", "speakers"))
+        settings = manifest["settings"]
+        expected_kind = "tdsv" if config.tdsv else "tisv"
+        if settings.get("kind") != expected_kind:
+            raise ValueError(f"{path} holds {settings.get('kind')} data but --tdsv is "
+                             f"{config.tdsv}")
+        for key in CHECKED_SETTINGS:
+            if settings.get(key) != getattr(config, key):
+                raise ValueError(f"{path} was preprocessed with {key}={settings[key]} but --{key}"
+                                 f" is {getattr(config, key)}; re-run data_preprocess.py or fix "
+                                 f"the flag")
+        parts.append((path, manifest))
+    store = SpeakerStore(parts, config)
+    if store.num_speakers < 2:
+        raise ValueError(f"{paths}: {store.num_speakers} usable speakers; need at least 2")
+    return store
 
 
 def _crop(frames: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:

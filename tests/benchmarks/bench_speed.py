@@ -171,7 +171,7 @@ def bench_training(config_args, torch, quick: bool, peak: float, rows: list, res
 def bench_embedding(config_args, torch, quick: bool, rows: list, result: dict):
     config = configuration.parse_config(config_args)
     encoder, _ = model.build_model(config)
-    embed = model.make_embedder(encoder, config.n_mels)
+    embed = model.make_embedder(encoder, config.n_mels, config.window_frames)
     peer = peer_embedder(torch, config) if torch is not None else None
     result["embedding"] = []
     for batch, steps in ((1, 20 if quick else 100), (256, 3 if quick else 10)):
@@ -243,7 +243,7 @@ def bench_features(config_args, files: list[Path], rows: list, result: dict):
 def bench_pipeline(config_args, files: list[Path], rows: list, result: dict):
     config = configuration.parse_config(config_args)
     encoder, _ = model.build_model(config)
-    embed = model.make_embedder(encoder, config.n_mels)
+    embed = model.make_embedder(encoder, config.n_mels, config.window_frames)
     window = config.window_frames
     model.utterance_d_vectors(embed, [np.zeros((window * 2, config.n_mels), np.float32)],
                               window)

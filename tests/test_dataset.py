@@ -1,0 +1,46 @@
+"""The training store and its seeded N x M batches."""
+
+import numpy as np
+import pytest
+
+import configuration
+import dataset
+
+
+def _flag(flags, name):
+    return flags[flags.index(name) + 1]
+
+
+def test_batches_are_speaker_major_and_seeded_by_step(tiny_tisv):
+    config = configuration.parse_config(tiny_tisv + ["--N", "3", "--M", "4"])
+    store = dataset.open_store(config.train_path, config, "train")
+    first = dataset.sample_batch(store, config, step=7)
+    assert first.shape[0] == 12 and first.shape[2] == 40
+    assert config.tisv_frame_min <= first.shape[1] <= config.tisv_frame
+    np.testing.assert_array_equal(first, dataset.sample_batch(store, config, step=7))
+    assert not np.array_equal(first, dataset.sample_batch(store, config, step=8))
+    # Every crop is a run of frames of one stored utterance (repeated cyclically if shorter).
+    stored = [store.utterance(s, u) for s in store.speakers for u in range(store.num_utterances(s))]
+
+    def windows(u, length):
+        if len(u) >= length:
+            return [u[i:i + length] for i in range(len(u) - length + 1)]
+        return [np.take(u, np.arange(length) + i, axis=0, mode="wrap") for i in range(len(u))]
+
+    for crop in first:
+        assert any(np.array_equal(w, crop) for u in stored for w in windows(u, len(crop)))
+
+
+def test_several_train_folders_are_pooled(tiny_tisv):
+    config = configuration.parse_config(tiny_tisv)
+    single = dataset.open_store(config.train_path, config, "train")
+    pooled = dataset.open_store(f"{config.train_path},{config.train_path}", config, "train")
+    assert pooled.num_speakers == 2 * single.num_speakers
+    speaker = single.speakers[0]
+    np.testing.assert_array_equal(pooled.utterance(f"1:{speaker}", 0), single.utterance(speaker, 0))
+
+
+def test_mismatched_features_are_refused(tiny_tisv):
+    config = configuration.parse_config(tiny_tisv + ["--n_mels", "64"])
+    with pytest.raises(ValueError, match="n_mels=40 but --n_mels is 64"):
+        dataset.open_store(config.train_path, config, "train")
