@@ -44,3 +44,23 @@ def test_mismatched_features_are_refused(tiny_tisv):
     config = configuration.parse_config(tiny_tisv + ["--n_mels", "64"])
     with pytest.raises(ValueError, match="n_mels=40 but --n_mels is 64"):
         dataset.open_store(config.train_path, config, "train")
+
+
+def test_noise_from_clean_noisy_pairs_and_plain_recordings(tmp_path):
+    import soundfile as sf
+
+    import data_preprocess
+
+    rng = np.random.default_rng(0)
+    clean = 0.3 * np.sin(np.arange(16000) * 0.05)
+    noise = 0.05 * rng.standard_normal(16000)
+    sf.write(tmp_path / "a_clean.wav", clean, 16000, subtype="FLOAT")
+    sf.write(tmp_path / "a_noisy.wav", clean + noise, 16000, subtype="FLOAT")
+    plain = 0.2 * rng.standard_normal(8000)
+    sf.write(tmp_path / "b.wav", plain, 16000, subtype="FLOAT")
+    config = configuration.parse_config(["--noise_path", str(tmp_path)])
+    stream, skipped = data_preprocess.build_noise(config)
+    assert skipped == []
+    expected = np.concatenate([noise / np.sqrt(np.mean(noise ** 2)),
+                               plain / np.sqrt(np.mean(plain ** 2))])
+    np.testing.assert_allclose(stream, expected, atol=1e-4)
