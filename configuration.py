@@ -235,6 +235,8 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("use one of --enroll, --verify, --identify, --embed, --export at a time")
     if (config.enroll or config.verify or config.identify) and not config.audio:
         parser.error("--enroll, --verify and --identify need --audio FILE")
+    if (config.verify or config.identify) and len(config.audio) != 1:
+        parser.error(f"--verify and --identify take one --audio file, got {len(config.audio)}")
     if config.tisv_frame_min > config.tisv_frame:
         parser.error("--tisv_frame_min must not exceed --tisv_frame")
     if config.snr_db[0] > config.snr_db[1]:

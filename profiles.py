@@ -108,8 +108,6 @@ def default_threshold(config: argparse.Namespace) -> float:
 def verify(config: argparse.Namespace) -> tuple[float, bool]:
     """Cosine score of --audio against a profile, and the ACCEPT/REJECT decision."""
     config, encoder = model.load_trained(config)
-    if len(config.audio) != 1:
-        raise ValueError(f"--verify takes one --audio file, got {len(config.audio)}")
     vectors, _ = load_profile(config, config.verify, model_fingerprint(encoder))
     threshold = default_threshold(config)
     probe = embed_paths(model.make_embedder(encoder, config.n_mels), config.audio, config)[0]
@@ -123,8 +121,6 @@ def verify(config: argparse.Namespace) -> tuple[float, bool]:
 def identify(config: argparse.Namespace) -> list[tuple[str, float]]:
     """Rank every enrolled profile of this model by cosine score against --audio."""
     config, encoder = model.load_trained(config)
-    if len(config.audio) != 1:
-        raise ValueError(f"--identify takes one --audio file, got {len(config.audio)}")
     fingerprint = model_fingerprint(encoder)
     folder = Path(config.model_path) / "profiles"
     names = sorted(p.stem for p in folder.glob("*.json"))

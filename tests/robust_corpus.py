@@ -69,3 +69,11 @@ def trained(tmp_path_factory) -> list[str]:
         model.train(configuration.parse_config(flags + ["--iteration", "4", "--save_every", "2"]))
         _CACHE["model"] = flags
     return list(_CACHE["model"])
+
+
+def copy_split(source: Path, destination: Path) -> Path:
+    """A writable copy of a preprocessed split folder, to damage in a test."""
+    destination.mkdir()
+    for file in source.iterdir():
+        (destination / file.name).write_bytes(file.read_bytes())
+    return destination

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import REPO
-from robust_corpus import SR, TINY, preprocessed, speech_like, trained, write_speakers
+from robust_corpus import SR, TINY, copy_split, preprocessed, speech_like, trained, write_speakers
 
 import configuration
 import data_preprocess
@@ -281,10 +281,7 @@ def test_missing_features(tmp_path, capsys):
 def test_corrupt_manifest_named(tmp_path_factory, tmp_path, capsys):
     flags = preprocessed(tmp_path_factory)
     train = Path(flags[flags.index("--train_path") + 1])
-    broken = tmp_path / "train"
-    broken.mkdir()
-    for file in train.iterdir():
-        (broken / file.name).write_bytes(file.read_bytes())
+    broken = copy_split(train, tmp_path / "train")
     (broken / "manifest.json").write_text('{"speakers": [')
     flags[flags.index("--train_path") + 1] = str(broken)
     assert main.main(flags + ["--model_path", str(tmp_path / "m")]) == 2

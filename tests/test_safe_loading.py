@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO
-from robust_corpus import preprocessed, trained
+from robust_corpus import copy_split, preprocessed, trained
 
 import configuration
 import dataset
@@ -57,10 +57,7 @@ def test_the_source_scan_sees_the_loaders():
 def test_pickled_feature_file_is_refused(tmp_path_factory, tmp_path):
     flags = preprocessed(tmp_path_factory)
     train = Path(flags[flags.index("--train_path") + 1])
-    copy = tmp_path / "train"
-    copy.mkdir()
-    for file in train.iterdir():
-        (copy / file.name).write_bytes(file.read_bytes())
+    copy = copy_split(train, tmp_path / "train")
     speaker = json.loads((copy / "manifest.json").read_text())["speakers"][0]
     np.save(copy / f"{speaker}.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     store = dataset.open_store(str(copy), configuration.parse_config(flags), "train")
