@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fraction of speakers held out for testing")
     data.add_argument("--seed", type=_non_negative_int, default=0,
                       help="seed for splits, batches and init")
+    data.add_argument("--folds", type=_non_negative_int, default=0,
+                      help="k-fold speaker cross-validation: split the seeded speaker order into "
+                           "this many folds (0 = use --test_ratio)")
+    data.add_argument("--fold", type=_non_negative_int, default=0,
+                      help="with --folds: which fold (0-based) is the test split; fold 0 is the "
+                           "--test_ratio 1/folds split")
     data.add_argument("--tdsv", type=str2bool, default=False,
                       help="text-dependent (True) or text-independent (False) verification")
     data.add_argument("--tdsv_phrase", type=str, default="",
@@ -119,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "(e.g. '_001\\.' for VCTK's 'Please call Stella')")
     data.add_argument("--workers", type=_positive_int, default=1,
                       help="preprocessing processes (one speaker each at a time)")
+    data.add_argument("--num_shards", type=_positive_int, default=1,
+                      help="preprocessing split over this many machines (deterministic shards of "
+                           "the speakers)")
+    data.add_argument("--shard", type=_non_negative_int, default=0,
+                      help="which shard this machine preprocesses (0 .. --num_shards - 1)")
+    data.add_argument("--merge", type=str2bool, default=False,
+                      help="only merge the shard manifests in --train_path and --test_path "
+                           "into manifest.json (after copying the shards' output together)")
     data.add_argument("--min_utterances", type=_positive_int, default=2,
                       help="speakers with fewer usable utterances are skipped")
 
@@ -180,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="checkpoint interval (steps)")
     training.add_argument("--log_every", type=_positive_int, default=10,
                           help="TensorBoard logging interval (steps)")
+    training.add_argument("--distribute", type=str, default="none",
+                          choices=("none", "mirrored", "multi_worker"),
+                          help="tf.distribute strategy: one device, MirroredStrategy over the "
+                               "local devices, or MultiWorkerMirroredStrategy over the workers "
+                               "in TF_CONFIG")
     training.add_argument("--comment", type=str, default="", help="free text saved with the model")
 
     evaluation = parser.add_argument_group("evaluation")
@@ -241,6 +260,17 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--tisv_frame_min must not exceed --tisv_frame")
     if config.snr_db[0] > config.snr_db[1]:
         parser.error(f"--snr_db LOW HIGH: LOW {config.snr_db[0]} exceeds HIGH {config.snr_db[1]}")
+    if config.shard >= config.num_shards:
+        parser.error(f"--shard {config.shard}: expected 0 .. --num_shards - 1 "
+                     f"({config.num_shards - 1})")
+    if config.folds and not (2 <= config.folds and config.fold < config.folds):
+        parser.error(f"--folds {config.folds} --fold {config.fold}: expected --folds >= 2 and "
+                     f"--fold < --folds")
+    if config.fold and not config.folds:
+        parser.error("--fold needs --folds")
+    if config.distribute == "multi_worker" and not os.environ.get("TF_CONFIG"):
+        parser.error("--distribute multi_worker needs the TF_CONFIG environment variable "
+                     "(cluster and task, see README 'Scaling out')")
     if config.M < 2:
         parser.error("--M must be at least 2 (GE2E needs exclusive centroids)")
     if config.N < 2:

@@ -209,15 +209,24 @@ def inference_features(wav: np.ndarray, config: argparse.Namespace) -> np.ndarra
     return voiced_features(wav, config)
 
 
-def split_speakers(speakers: list[str], test_ratio: float, seed: int
-                   ) -> tuple[list[str], list[str]]:
-    """Deterministic (seeded) speaker split into train and test; both get at least one speaker."""
+def split_speakers(speakers: list[str], test_ratio: float, seed: int, folds: int = 0,
+                   fold: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic (seeded) speaker split into train and test; both get at least one speaker.
+    With folds > 0 the test split is fold `fold` of the seeded order (k-fold cross-validation)."""
     if len(speakers) < 2:
         raise ValueError(f"need at least 2 speakers to split into train and test, "
                          f"found {len(speakers)}")
-    order = np.random.default_rng(seed).permutation(sorted(speakers))
+    order = np.random.default_rng(seed).permutation(sorted(speakers)).tolist()
+    if folds:
+        if not 2 <= folds <= len(speakers) or fold >= folds:
+            raise ValueError(f"--folds {folds} --fold {fold}: expected 2 <= --folds <= "
+                             f"{len(speakers)} speakers and --fold < --folds")
+        # Rounded boundaries make fold 0 the same speakers as --test_ratio 1/folds.
+        edges = [int(round(k * len(speakers) / folds)) for k in range(folds + 1)]
+        test = order[edges[fold]:edges[fold + 1]]
+        return sorted(set(order) - set(test)), sorted(test)
     n_test = min(max(1, int(round(test_ratio * len(speakers)))), len(speakers) - 1)
-    return sorted(order[n_test:].tolist()), sorted(order[:n_test].tolist())
+    return sorted(order[n_test:]), sorted(order[:n_test])
 
 
 def _speaker_job(job: tuple) -> tuple[str, bool, list[dict]]:
@@ -334,7 +343,8 @@ def preprocess(config: argparse.Namespace) -> dict:
         if not (config.tdsv_phrase or config.tdsv_pattern):
             raise ValueError("--tdsv True needs --tdsv_phrase or --tdsv_pattern to pick the phrase")
         tree = select_phrase(tree, read_transcripts(root), config.tdsv_phrase, config.tdsv_pattern)
-    train_speakers, test_speakers = split_speakers(list(tree), config.test_ratio, config.seed)
+    train_speakers, test_speakers = split_speakers(list(tree), config.test_ratio, config.seed,
+                                                   config.folds, config.fold)
 
     summary = {"source": str(Path(root).resolve()), "settings": feature_settings(config)}
     for split, speakers, out_dir in (("train", train_speakers, config.train_path),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 from pathlib import Path
 
@@ -14,10 +15,13 @@ import data_preprocess
 
 # Settings that must agree between the stored arrays and the model that reads them.
 CHECKED_SETTINGS = ("sr", "nfft", "window", "hop", "n_mels", "tdsv_frame")
+# Each memory map holds a file descriptor and its touched pages: keep only the recent ones open.
+OPEN_ARRAYS = 256
 
 
 class SpeakerStore:
-    """Per-speaker arrays of one split, memory-mapped; only utterance offsets are kept in RAM.
+    """Per-speaker arrays of one split, memory-mapped; only utterance offsets are kept in RAM,
+    so a corpus far larger than RAM trains.
 
     Several preprocessed folders can be pooled (the paper's MultiReader idea: more speakers from
     other material); their speakers are then named `<index>:<speaker>`.
@@ -28,7 +32,6 @@ class SpeakerStore:
         self.tdsv = parts[0][1]["settings"]["kind"] == "tdsv"
         self.speakers: list[str] = []
         self.offsets: dict[str, np.ndarray] = {}
-        self.names: dict[str, list[str]] = {}
         self._files: dict[str, Path] = {}
         for index, (path, manifest) in enumerate(parts):
             for speaker in manifest["speakers"]:
@@ -36,9 +39,8 @@ class SpeakerStore:
                 sidecar = _read_json(path / f"{speaker}.json", ("lengths", "utterances"))
                 self.speakers.append(key)
                 self.offsets[key] = np.concatenate([[0], np.cumsum(sidecar["lengths"])])
-                self.names[key] = sidecar["utterances"]
                 self._files[key] = path / f"{speaker}.npy"
-        self._arrays: dict[str, np.ndarray] = {}
+        self._arrays: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         noise = parts[0][0] / "noise.npy"
         self.noise = np.load(noise, mmap_mode="r", allow_pickle=False) if noise.exists() else None
 
@@ -49,15 +51,24 @@ class SpeakerStore:
     def num_utterances(self, speaker: str) -> int:
         return len(self.offsets[speaker]) - 1
 
+    def utterance_names(self, speaker: str) -> list[str]:
+        """The relative paths of a speaker's utterances (read on demand, not kept in RAM)."""
+        file = self._files[speaker].with_suffix(".json")
+        return _read_json(file, ("utterances",))["utterances"]
+
     def array(self, speaker: str) -> np.ndarray:
-        if speaker not in self._arrays:
-            file = self._files[speaker]
-            try:
-                self._arrays[speaker] = np.load(file, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as error:
-                raise ValueError(f"{file}: unreadable ({error}); re-run data_preprocess.py"
-                                 ) from None
-        return self._arrays[speaker]
+        if speaker in self._arrays:
+            self._arrays.move_to_end(speaker)
+            return self._arrays[speaker]
+        file = self._files[speaker]
+        try:
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{file}: unreadable ({error}); re-run data_preprocess.py") from None
+        self._arrays[speaker] = array
+        if len(self._arrays) > OPEN_ARRAYS:
+            self._arrays.popitem(last=False)
+        return array
 
     def utterance(self, speaker: str, index: int) -> np.ndarray:
         """TI-SV: the utterance's voiced log-mel frames; TD-SV: its phrase waveform."""

@@ -158,9 +158,10 @@ def test(config: argparse.Namespace) -> dict:
         plots.similarity_matrix_figure(first["scores"], first["labels"], store.speakers,
                                        results, mode)
         plots.embedding_projection(by_speaker, results, mode)
-        trials = all_pairs_trials({s: store.names[s] for s in store.speakers})
+        by_speaker_names = {s: store.utterance_names(s) for s in store.speakers}
+        trials = all_pairs_trials(by_speaker_names)
         vectors = {name: vector for s in store.speakers
-                   for name, vector in zip(store.names[s], by_speaker[s])}
+                   for name, vector in zip(by_speaker_names[s], by_speaker[s])}
         origin = f"all pairs of the {len(store.speakers)} test speakers' utterances"
 
     labels = np.array([label for label, _, _ in trials])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -153,25 +154,72 @@ def build_optimizer(config: argparse.Namespace) -> keras.optimizers.Optimizer:
     return keras.optimizers.RMSprop(schedule, rho=config.beta2)
 
 
+def make_strategy(kind: str) -> tf.distribute.Strategy:
+    """The tf.distribute strategy for --distribute (the default strategy is one device)."""
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if kind == "multi_worker":
+        # Workers and this task's role come from TF_CONFIG, as TensorFlow documents.
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True for the one task that writes checkpoints, the config and TensorBoard logs."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True
+    if resolver.task_type in (None, "chief"):
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
 def make_train_step(encoder: SpeakerEncoder, scale: GE2EScale,
-                    optimizer: keras.optimizers.Optimizer, config: argparse.Namespace):
-    """A compiled GE2E step: loss, global-norm clipping, w/b gradients scaled by 0.01."""
+                    optimizer: keras.optimizers.Optimizer, config: argparse.Namespace,
+                    strategy: tf.distribute.Strategy | None = None):
+    """A compiled GE2E step: loss, global-norm clipping, w/b gradients scaled by 0.01.
+
+    Under a tf.distribute strategy each replica embeds its share of the N*M utterances and
+    all-gathers the rest, so the loss and update are those of one device holding the whole batch.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
     n, m = config.N, config.M
+    replicas = strategy.num_replicas_in_sync
+    if (n * m) % replicas:
+        raise ValueError(f"--N x --M = {n * m} utterances do not divide among the {replicas} "
+                         f"replicas of --distribute {config.distribute}")
+    share = n * m // replicas
     variables = list(scale.trainable_variables) + list(encoder.trainable_variables)
     n_scale = len(scale.trainable_variables)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, config.n_mels], tf.float32)])
-    def train_step(features):
+    def replica_step(features):
+        context = tf.distribute.get_replica_context()
+        lo = context.replica_id_in_sync_group * share
         with tf.GradientTape() as tape:
-            d_vectors = encoder(features, training=True)
+            own = encoder(features[lo:lo + share], training=True)
+            # The other replicas' d-vectors enter as constants: each replica differentiates
+            # only through its own share.
+            gathered = tf.stop_gradient(context.all_gather(own, axis=0))
+            d_vectors = tf.concat([gathered[:lo], own, gathered[lo + share:]], axis=0)
             w, b = scale()
-            embeddings = tf.reshape(d_vectors, (n, m, -1))
-            loss = ge2e_loss(embeddings, w, b, config.loss)
+            loss = ge2e_loss(tf.reshape(d_vectors, (n, m, -1)), w, b, config.loss)
         grads = tape.gradient(loss, variables)
+        # Every replica holds the whole gradient of w and b, but only its share of the
+        # encoder's: after this division the sum over replicas is the one-device gradient.
+        grads = [g / replicas for g in grads[:n_scale]] + list(grads[n_scale:])
+        grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         grads, norm = tf.clip_by_global_norm(grads, config.clip_norm)
         grads = [0.01 * g for g in grads[:n_scale]] + list(grads[n_scale:])
-        optimizer.apply_gradients(zip(grads, variables))
+        # Keras sums the gradients over the replicas once more before applying them.
+        optimizer.apply_gradients(zip([g / replicas for g in grads], variables))
         return loss, norm
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, config.n_mels], tf.float32)])
+    def train_step(features):
+        loss, norm = strategy.run(replica_step, args=(features,))
+        local = strategy.experimental_local_results
+        return local(loss)[0], local(norm)[0]
 
     return train_step
 
@@ -200,6 +248,9 @@ def _set_seeds(seed: int) -> None:
 
 def train(config: argparse.Namespace) -> dict:
     """Train with GE2E; resumable with --restore True. Returns a summary of the run."""
+    # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
+    strategy = make_strategy(config.distribute)
+    chief = is_chief(strategy)
     model_path = Path(config.model_path)
     store = dataset.open_store(config.train_path, config, "train")
     if config.N > store.num_speakers:
@@ -209,37 +260,51 @@ def train(config: argparse.Namespace) -> dict:
     if config.restore:
         saved = configuration.load_config(model_path / "config.json")
         config = configuration.merge_saved_config(config, saved)
-    elif (model_path / "checkpoints").exists():
+    elif chief and (model_path / "checkpoints").exists():
         backup = model_path.with_name(f"{model_path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(model_path), str(backup))
         print(f"{model_path} held an earlier model; moved it to {backup} (use --restore True "
               f"to resume instead)")
 
     _set_seeds(config.seed)
-    encoder, scale = build_model(config)
-    optimizer = build_optimizer(config)
-    optimizer.build(list(scale.trainable_variables) + list(encoder.trainable_variables))
+    with strategy.scope():
+        encoder, scale = build_model(config)
+        optimizer = build_optimizer(config)
+        optimizer.build(list(scale.trainable_variables) + list(encoder.trainable_variables))
     checkpoint = _checkpoint(encoder, scale, optimizer)
-    manager = tf.train.CheckpointManager(checkpoint, model_path / "checkpoints", max_to_keep=3)
     if config.restore:
-        if manager.latest_checkpoint is None:
+        latest = tf.train.latest_checkpoint(model_path / "checkpoints")
+        if latest is None:
             raise ValueError(f"--restore True but {model_path / 'checkpoints'} holds no checkpoint")
-        _restore(checkpoint, manager.latest_checkpoint)
-    configuration.save_config(config, model_path / "config.json")
+        _restore(checkpoint, latest)
+    # Every worker takes part in saving (it may run collective ops); only the chief's is kept.
+    save_dir = model_path / "checkpoints" if chief else Path(tempfile.mkdtemp(prefix="ge2e-"))
+    manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=3)
+    try:
+        return _train_loop(config, store, strategy, chief, encoder, scale, optimizer, manager)
+    finally:
+        if not chief:
+            shutil.rmtree(save_dir, ignore_errors=True)
 
+
+def _train_loop(config, store, strategy, chief, encoder, scale, optimizer, manager) -> dict:
+    model_path = Path(config.model_path)
+    if chief:
+        configuration.save_config(config, model_path / "config.json")
     step = int(optimizer.iterations.numpy())
     if step >= config.iteration:
         print(f"already trained {step} steps (--iteration {config.iteration}); nothing to do")
         return {"steps": step, "final_loss": float("nan"), "seconds": 0.0}
 
-    train_step = make_train_step(encoder, scale, optimizer, config)
+    train_step = make_train_step(encoder, scale, optimizer, config, strategy)
     batches = dataset.training_batches(store, config, start_step=step)
-    writer = tf.summary.create_file_writer(str(model_path / "logs"))
+    writer = (tf.summary.create_file_writer(str(model_path / "logs")) if chief
+              else tf.summary.create_noop_writer())
     started = time.time()
     running = None
     losses = []
     with writer.as_default(), tqdm(total=config.iteration, initial=step, unit="step",
-                                   desc="train", dynamic_ncols=True) as bar:
+                                   desc="train", dynamic_ncols=True, disable=not chief) as bar:
         for features in batches:
             loss, norm = train_step(features)
             step += 1
@@ -266,8 +331,9 @@ def train(config: argparse.Namespace) -> dict:
             if step >= config.iteration:
                 break
     seconds = time.time() - started
-    print(f"trained to step {step} in {seconds:.0f} s; loss {running:.4f}; "
-          f"checkpoint {manager.latest_checkpoint}")
+    if chief:
+        print(f"trained to step {step} in {seconds:.0f} s; loss {running:.4f}; "
+              f"checkpoint {manager.latest_checkpoint}")
     return {"steps": step, "final_loss": running, "seconds": seconds, "losses": losses}
 
 
