@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import glob
 import multiprocessing
 import re
 import struct
@@ -331,8 +332,60 @@ def build_noise(config: argparse.Namespace) -> tuple[np.ndarray, list[dict]]:
     return np.concatenate(pieces).astype(np.float32), skipped
 
 
+def shard_name(shard: int, num_shards: int) -> str:
+    return f"manifest.shard-{shard}-of-{num_shards}.json"
+
+
+def merge_shards(out_dir: str | Path) -> dict:
+    """Merge the shard manifests in out_dir into the manifest.json that training reads."""
+    out_dir = Path(out_dir)
+    found = sorted(out_dir.glob("manifest.shard-*-of-*.json"))
+    if not found:
+        raise FileNotFoundError(f"--merge: no manifest.shard-*-of-*.json in {out_dir}")
+    shards = [configuration.load_config(file) for file in found]
+    num_shards = {shard.get("num_shards") for shard in shards}
+    present = {shard.get("shard") for shard in shards}
+    if len(num_shards) != 1:
+        raise ValueError(f"--merge: {out_dir} mixes runs with different --num_shards "
+                         f"{sorted(num_shards, key=str)}; delete the stale shard manifests")
+    total = num_shards.pop()
+    missing = sorted(set(range(total)) - present)
+    if missing:
+        raise ValueError(f"--merge: {out_dir} lacks shard(s) {missing} of {total}; run them "
+                         f"(--shard i --num_shards {total}) or copy their output here")
+    for shard in shards[1:]:
+        if (shard["settings"], shard["source"]) != (shards[0]["settings"], shards[0]["source"]):
+            raise ValueError(f"--merge: the shards in {out_dir} were preprocessed from different "
+                             f"corpora or with different feature settings")
+    manifest = {"settings": shards[0]["settings"], "source": shards[0]["source"],
+                "split": shards[0]["split"],
+                "speakers": sorted(s for shard in shards for s in shard["speakers"]),
+                "skipped": sorted((e for shard in shards for e in shard["skipped"]),
+                                  key=lambda entry: entry["path"])}
+    for shard in shards:
+        if "noise_seconds" in shard:
+            manifest["noise_seconds"] = shard["noise_seconds"]
+    utils.atomic_save_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def _remove_leftovers(out_dir: Path, speakers: list[str], sharded: bool) -> None:
+    """Delete the temp files of a killed run: all of them, or only this shard's own."""
+    if not sharded:
+        for leftover in out_dir.glob("*.tmp"):
+            leftover.unlink()
+        return
+    for speaker in speakers:
+        for leftover in out_dir.glob(f"{glob.escape(speaker)}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
 def preprocess(config: argparse.Namespace) -> dict:
-    """Preprocess --audio_path (or the synthetic corpus) into --train_path and --test_path."""
+    """Preprocess --audio_path (or the synthetic corpus) into --train_path and --test_path.
+
+    With --num_shards n, this run does every n-th speaker (--shard); the shard that finds all
+    n shard manifests written merges them into manifest.json.
+    """
     root = config.audio_path
     if not root:
         root = synthetic_corpus.build(config.synthetic_path, sr=config.sr, seed=config.seed)
@@ -345,15 +398,18 @@ def preprocess(config: argparse.Namespace) -> dict:
         tree = select_phrase(tree, read_transcripts(root), config.tdsv_phrase, config.tdsv_pattern)
     train_speakers, test_speakers = split_speakers(list(tree), config.test_ratio, config.seed,
                                                    config.folds, config.fold)
+    sharded = config.num_shards > 1
 
     summary = {"source": str(Path(root).resolve()), "settings": feature_settings(config)}
     for split, speakers, out_dir in (("train", train_speakers, config.train_path),
                                      ("test", test_speakers, config.test_path)):
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        speakers = speakers[config.shard::config.num_shards]
         # A run killed mid-write leaves its temp files; the finished files are all renamed ones.
-        for pattern in ("*.npy.tmp", "*.json.tmp"):
-            for leftover in Path(out_dir).glob(pattern):
-                leftover.unlink()
+        _remove_leftovers(out_dir, speakers, sharded)
+        if sharded:
+            (out_dir / "manifest.json").unlink(missing_ok=True)  # stale until all shards are in
         jobs = [(root, s, tree[s], out_dir, config) for s in speakers]
         usable, skipped = [], []
         with multiprocessing.get_context("spawn").Pool(config.workers) if config.workers > 1 \
@@ -368,18 +424,34 @@ def preprocess(config: argparse.Namespace) -> dict:
         skipped.sort(key=lambda entry: entry["path"])
         manifest = {"settings": feature_settings(config), "source": summary["source"],
                     "split": split, "speakers": sorted(usable), "skipped": skipped}
-        if split == "train" and config.tdsv and config.noise_path:
+        if split == "train" and config.tdsv and config.noise_path and config.shard == 0:
             noise, bad_noise = build_noise(config)
-            utils.atomic_save_npy(Path(out_dir) / "noise.npy", noise)
+            utils.atomic_save_npy(out_dir / "noise.npy", noise)
             manifest["noise_seconds"] = len(noise) / config.sr
             manifest["skipped"].extend(bad_noise)
-        utils.atomic_save_json(Path(out_dir) / "manifest.json", manifest)
         n_files = sum(len(tree[s]) for s in speakers)
-        print(f"{split}: {len(usable)} of {len(speakers)} speakers written to {out_dir}; "
-              f"skipped {skip_summary(skipped)} of {n_files} files "
-              f"(reasons in {Path(out_dir) / 'manifest.json'})")
+        shard_text = f" (shard {config.shard} of {config.num_shards})" if sharded else ""
+        manifest_file = out_dir / (shard_name(config.shard, config.num_shards) if sharded
+                                   else "manifest.json")
+        if sharded:
+            manifest.update(shard=config.shard, num_shards=config.num_shards)
+        utils.atomic_save_json(manifest_file, manifest)
+        print(f"{split}{shard_text}: {len(usable)} of {len(speakers)} speakers written to "
+              f"{out_dir}; skipped {skip_summary(skipped)} of {n_files} files "
+              f"(reasons in {manifest_file})")
+        if sharded:
+            manifest = _merge_if_complete(out_dir, config.num_shards)
         summary[split] = manifest
     return summary
+
+
+def _merge_if_complete(out_dir: Path, num_shards: int) -> dict | None:
+    """The merged manifest once every shard has written its own, else None."""
+    if not all((out_dir / shard_name(i, num_shards)).exists() for i in range(num_shards)):
+        return None
+    manifest = merge_shards(out_dir)
+    print(f"all {num_shards} shards done: merged into {out_dir / 'manifest.json'}")
+    return manifest
 
 
 class _Serial:
@@ -399,12 +471,18 @@ class _Serial:
 def main(argv: list[str] | None = None) -> int:
     config = configuration.parse_config(argv)
     try:
+        if config.merge:
+            for path in (config.train_path, config.test_path):
+                manifest = merge_shards(path)
+                print(f"merged {len(manifest['speakers'])} speakers into "
+                      f"{Path(path) / 'manifest.json'}")
+            return 0
         summary = preprocess(config)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for split in ("train", "test"):
-        if not summary[split]["speakers"]:
+        if summary[split] is not None and not summary[split]["speakers"]:
             manifest = Path(getattr(config, f"{split}_path")) / "manifest.json"
             print(f"error: no usable {split} speaker was left after skipping bad files "
                   f"(reasons in {manifest})", file=sys.stderr)

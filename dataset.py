@@ -102,6 +102,10 @@ def open_store(paths: str, config: argparse.Namespace, split: str) -> SpeakerSto
     parts = []
     for path in (Path(p) for p in paths.split(",")):
         manifest_file = path / "manifest.json"
+        if not manifest_file.exists() and list(path.glob("manifest.shard-*.json")):
+            raise ValueError(f"{manifest_file} not found but shard manifests are: run the other "
+                             f"shards, or merge them (python data_preprocess.py --merge True "
+                             f"--train_path ... --test_path ...)")
         if not manifest_file.exists():
             raise ValueError(f"{manifest_file} not found; run python data_preprocess.py first "
                              f"(or point --{split}_path at preprocessed features)")

@@ -157,7 +157,9 @@ def build_optimizer(config: argparse.Namespace) -> keras.optimizers.Optimizer:
 def make_strategy(kind: str) -> tf.distribute.Strategy:
     """The tf.distribute strategy for --distribute (the default strategy is one device)."""
     if kind == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        # Without GPUs, mirror over the logical CPU devices (one unless configured otherwise).
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
     if kind == "multi_worker":
         # Workers and this task's role come from TF_CONFIG, as TensorFlow documents.
         return tf.distribute.MultiWorkerMirroredStrategy()

@@ -81,7 +81,7 @@ def as_norm(scores: np.ndarray, enroll_cohort: np.ndarray, test_cohort: np.ndarr
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """np.save to a temp file, then rename, so a killed run never leaves a torn array."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers never share it
     with open(tmp, "wb") as handle:
         np.save(handle, array, allow_pickle=False)
     os.replace(tmp, path)
@@ -90,7 +90,7 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 def atomic_save_json(path: str | os.PathLike, data: dict) -> None:
     """json.dump to a temp file, then rename."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
 

@@ -1,0 +1,190 @@
+"""Issue #6, scaling out: sharded preprocessing + merge, and GE2E on tf.distribute (two
+MultiWorkerMirroredStrategy workers on loopback, MirroredStrategy over two logical CPUs) giving
+the loss and weights of one process holding the whole batch."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+from robust_corpus import preprocessed, write_speakers
+from test_interruption import checkpoint_values
+
+import configuration
+import data_preprocess
+import dataset
+
+WORKER = str(REPO / "tests" / "distributed_worker.py")
+# 8 utterances per batch, so each of two replicas embeds 4. SGD: over several steps Adam's
+# division by sqrt(v) amplifies float rounding in near-zero gradients beyond 1e-5.
+DISTRIBUTED = ["--N", "4", "--M", "2", "--optim", "sgd", "--save_every", "2"]
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if not p.name.startswith("manifest.shard-")}
+
+
+# --- sharded preprocessing ----------------------------------------------------------------------
+
+def test_two_shards_then_merge_equal_one_run(tmp_path, capsys):
+    audio = tmp_path / "audio"
+    write_speakers(audio, speakers=7, utterances=3)
+    common = ["--audio_path", str(audio), "--test_ratio", "0.3"]
+
+    def flags(out):
+        return common + ["--train_path", str(out / "train"), "--test_path", str(out / "test")]
+
+    assert data_preprocess.main(flags(tmp_path / "one")) == 0
+    # Two machines writing into one shared folder: the last shard to finish merges.
+    shared = tmp_path / "shared"
+    assert data_preprocess.main(flags(shared) + ["--shard", "1", "--num_shards", "2"]) == 0
+    assert not (shared / "train" / "manifest.json").exists()
+    with pytest.raises(ValueError, match="--merge True"):
+        dataset.open_store(str(shared / "train"), configuration.parse_config([]), "train")
+    assert data_preprocess.main(flags(shared) + ["--shard", "0", "--num_shards", "2"]) == 0
+    assert "merged into" in capsys.readouterr().out
+    # Two machines with their own disks: copy the output together, then --merge True.
+    apart = tmp_path / "apart"
+    for shard in (0, 1):
+        assert data_preprocess.main(flags(tmp_path / f"m{shard}") +
+                                    ["--shard", str(shard), "--num_shards", "2"]) == 0
+    for split in ("train", "test"):
+        shutil.copytree(tmp_path / "m0" / split, apart / split)
+        shutil.copytree(tmp_path / "m1" / split, apart / split, dirs_exist_ok=True)
+        (apart / split / "manifest.json").unlink(missing_ok=True)
+    assert data_preprocess.main(flags(apart) + ["--merge", "True"]) == 0
+
+    for split in ("train", "test"):
+        reference = files(tmp_path / "one" / split)
+        assert any(name.endswith(".npy") for name in reference)
+        assert files(shared / split) == reference, split
+        assert files(apart / split) == reference, split
+        shards = [json.loads((shared / split / f"manifest.shard-{i}-of-2.json").read_text())
+                  for i in (0, 1)]
+        assert not set(shards[0]["speakers"]) & set(shards[1]["speakers"])
+        assert all(shard["speakers"] for shard in shards), "a shard got no speaker"
+
+
+def test_merge_names_the_missing_shard(tmp_path, capsys):
+    audio = tmp_path / "audio"
+    write_speakers(audio, speakers=6, utterances=2)
+    flags = ["--audio_path", str(audio), "--train_path", str(tmp_path / "train"),
+             "--test_path", str(tmp_path / "test"), "--num_shards", "3"]
+    assert data_preprocess.main(flags + ["--shard", "2"]) == 0
+    capsys.readouterr()
+    assert data_preprocess.main(flags + ["--merge", "True"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "lacks shard(s) [0, 1] of 3" in error
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--shard", "2", "--num_shards", "2"], "--shard 2"),
+    (["--folds", "1"], "--folds 1"),
+    (["--folds", "5", "--fold", "5"], "--fold 5"),
+    (["--fold", "1"], "--fold needs --folds"),
+    (["--distribute", "multi_worker"], "TF_CONFIG"),
+])
+def test_bad_scale_flags(argv, expected, capsys, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        configuration.parse_config(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and expected in error
+
+
+def test_folds_partition_the_speakers():
+    speakers = [f"s{i:02d}" for i in range(27)]
+    tests = [data_preprocess.split_speakers(speakers, 0.2, 3, 5, k)[1] for k in range(5)]
+    assert sorted(sum(tests, [])) == speakers
+    assert [len(t) for t in tests] == [5, 6, 5, 6, 5]
+    assert tests[0] == data_preprocess.split_speakers(speakers, 0.2, 3)[1]
+    train, test = data_preprocess.split_speakers(speakers, 0.2, 3, 5, 2)
+    assert sorted(train + test) == speakers and not set(train) & set(test)
+
+
+# --- tf.distribute training ---------------------------------------------------------------------
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def run_workers(tmp_path: Path, flags: list[str], workers: int, cpus: int = 1) -> list[dict]:
+    """model.train in `workers` processes (MultiWorkerMirroredStrategy on loopback if > 1)."""
+    ports = free_ports(workers)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    processes, outs = [], []
+    for index in range(workers):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        if workers > 1:
+            env["TF_CONFIG"] = json.dumps({"cluster": cluster,
+                                           "task": {"type": "worker", "index": index}})
+        out = tmp_path / f"worker{index}-{len(list(tmp_path.glob('worker*')))}.json"
+        outs.append(out)
+        processes.append(subprocess.Popen(
+            [sys.executable, WORKER, str(out), str(cpus), *flags], cwd=REPO, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for process in processes:
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output[-3000:]
+    return [json.loads(out.read_text()) for out in outs]
+
+
+def assert_same_training(a: dict, b: dict, ckpt_a: Path, ckpt_b: Path) -> None:
+    np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-5)
+    weights_a, weights_b = checkpoint_values(str(ckpt_a)), checkpoint_values(str(ckpt_b))
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        np.testing.assert_allclose(weights_a[name], weights_b[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_two_workers_on_loopback_train_like_one_process(tmp_path_factory, tmp_path):
+    flags = preprocessed(tmp_path_factory) + DISTRIBUTED
+    single = run_workers(tmp_path, flags + ["--model_path", str(tmp_path / "single"),
+                                            "--iteration", "6"], workers=1)[0]
+    two = tmp_path / "two"
+    first = run_workers(tmp_path, flags + ["--model_path", str(two), "--iteration", "4",
+                                           "--distribute", "multi_worker"], workers=2)
+    assert first[0]["losses"] == first[1]["losses"]
+    # Only the chief wrote the model; a restarted pair of workers resumes from its checkpoint.
+    assert sorted(p.name for p in (two / "checkpoints").glob("*.index")) == \
+        ["ckpt-2.index", "ckpt-4.index"]
+    resumed = run_workers(tmp_path, flags + ["--model_path", str(two), "--iteration", "6",
+                                             "--distribute", "multi_worker", "--restore", "True"],
+                          workers=2)
+    assert resumed[0]["steps"] == 6 and len(resumed[0]["losses"]) == 2
+    both = {"losses": first[0]["losses"] + resumed[0]["losses"]}
+    assert_same_training(single, both, tmp_path / "single" / "checkpoints" / "ckpt-6",
+                         two / "checkpoints" / "ckpt-6")
+
+
+def test_mirrored_over_two_devices_trains_like_one(tmp_path_factory, tmp_path):
+    flags = preprocessed(tmp_path_factory) + DISTRIBUTED + ["--iteration", "3",
+                                                            "--save_every", "3"]
+    single = run_workers(tmp_path, flags + ["--model_path", str(tmp_path / "single")], 1)[0]
+    mirrored = run_workers(tmp_path, flags + ["--model_path", str(tmp_path / "mirrored"),
+                                              "--distribute", "mirrored"], 1, cpus=2)[0]
+    assert_same_training(single, mirrored, tmp_path / "single" / "checkpoints" / "ckpt-3",
+                         tmp_path / "mirrored" / "checkpoints" / "ckpt-3")
+
+
+def test_batch_that_does_not_divide_among_replicas_is_refused(tmp_path_factory, tmp_path):
+    flags = preprocessed(tmp_path_factory) + ["--N", "3", "--M", "3", "--distribute", "mirrored",
+                                              "--model_path", str(tmp_path / "m")]
+    output = subprocess.run([sys.executable, WORKER, str(tmp_path / "o.json"), "2", *flags],
+                            cwd=REPO, capture_output=True, text=True)
+    assert output.returncode != 0 and "do not divide among the 2 replicas" in output.stderr
