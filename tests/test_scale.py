@@ -3,9 +3,7 @@ MultiWorkerMirroredStrategy workers on loopback, MirroredStrategy over two logic
 the loss and weights of one process holding the whole batch."""
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO
+from distributed_worker import WORKER, run_workers
 from robust_corpus import preprocessed, write_speakers
 from test_interruption import checkpoint_values
 
@@ -20,7 +19,6 @@ import configuration
 import data_preprocess
 import dataset
 
-WORKER = str(REPO / "tests" / "distributed_worker.py")
 # 8 utterances per batch, so each of two replicas embeds 4. SGD: over several steps Adam's
 # division by sqrt(v) amplifies float rounding in near-zero gradients beyond 1e-5.
 DISTRIBUTED = ["--N", "4", "--M", "2", "--optim", "sgd", "--save_every", "2"]
@@ -111,37 +109,6 @@ def test_folds_partition_the_speakers():
 
 
 # --- tf.distribute training ---------------------------------------------------------------------
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def run_workers(tmp_path: Path, flags: list[str], workers: int, cpus: int = 1) -> list[dict]:
-    """model.train in `workers` processes (MultiWorkerMirroredStrategy on loopback if > 1)."""
-    ports = free_ports(workers)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    processes, outs = [], []
-    for index in range(workers):
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        if workers > 1:
-            env["TF_CONFIG"] = json.dumps({"cluster": cluster,
-                                           "task": {"type": "worker", "index": index}})
-        out = tmp_path / f"worker{index}-{len(list(tmp_path.glob('worker*')))}.json"
-        outs.append(out)
-        processes.append(subprocess.Popen(
-            [sys.executable, WORKER, str(out), str(cpus), *flags], cwd=REPO, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for process in processes:
-        output, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, output[-3000:]
-    return [json.loads(out.read_text()) for out in outs]
-
 
 def assert_same_training(a: dict, b: dict, ckpt_a: Path, ckpt_b: Path) -> None:
     np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-5)
