@@ -275,10 +275,11 @@ def train(config: argparse.Namespace) -> dict:
         optimizer.build(list(scale.trainable_variables) + list(encoder.trainable_variables))
     checkpoint = _checkpoint(encoder, scale, optimizer)
     if config.restore:
-        latest = tf.train.latest_checkpoint(model_path / "checkpoints")
-        if latest is None:
+        # The state file, not tf.train.latest_checkpoint: that one hides a damaged checkpoint.
+        state = tf.train.get_checkpoint_state(model_path / "checkpoints")
+        if state is None or not state.model_checkpoint_path:
             raise ValueError(f"--restore True but {model_path / 'checkpoints'} holds no checkpoint")
-        _restore(checkpoint, latest)
+        _restore(checkpoint, state.model_checkpoint_path)
     # Every worker takes part in saving (it may run collective ops); only the chief's is kept.
     save_dir = model_path / "checkpoints" if chief else Path(tempfile.mkdtemp(prefix="ge2e-"))
     manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=3)
