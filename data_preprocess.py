@@ -20,6 +20,7 @@ from pathlib import Path
 
 import librosa
 import numpy as np
+import scipy.fft
 import soundfile as sf
 from tqdm import tqdm
 
@@ -146,14 +147,16 @@ def load_audio(path: str | Path, sr: int) -> np.ndarray:
         raise AudioError("truncated", f"truncated: {truncated}")
     if wav.shape[0] == 0:
         raise AudioError("empty", "no samples")
-    wav = wav.mean(axis=1)
-    if not np.all(np.isfinite(wav)):
+    wav = wav[:, 0] if wav.shape[1] == 1 else wav.mean(axis=1)
+    # One fast reduction first; the elementwise check only when the sum is not finite (a sum
+    # of huge but finite samples can overflow).
+    if not np.isfinite(wav.sum()) and not np.all(np.isfinite(wav)):
         raise AudioError("non-finite", "NaN or Inf samples")
     if file_sr != sr:
         wav = librosa.resample(wav, orig_sr=file_sr, target_sr=sr, res_type="soxr_hq")
-    if np.max(np.abs(wav)) < 1e-5:
+    if max(wav.max(), -wav.min()) < 1e-5:
         raise AudioError("silent", "silent (peak below -100 dBFS)")
-    return wav.astype(np.float32)
+    return np.ascontiguousarray(wav, dtype=np.float32)
 
 
 @functools.lru_cache(maxsize=8)
@@ -161,29 +164,75 @@ def mel_basis(sr: int, nfft: int, n_mels: int) -> np.ndarray:
     return librosa.filters.mel(sr=sr, n_fft=nfft, n_mels=n_mels).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _interleaved_mel_basis(sr: int, nfft: int, n_mels: int) -> np.ndarray:
+    """mel_basis.T with each row twice, for the interleaved (re, im) squares of an rfft."""
+    return np.ascontiguousarray(np.repeat(mel_basis(sr, nfft, n_mels).T, 2, axis=0))
+
+
+@functools.lru_cache(maxsize=8)
+def _window(length: int) -> np.ndarray:
+    return librosa.filters.get_window("hann", length, fftbins=True).astype(np.float32)
+
+
+def frames(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
+    """[..., 1 + samples // hop, nfft] strided view of wav (no copy): frames centred on
+    multiples of the hop, zero-padded at the ends, as librosa's stft and rms (center=True)."""
+    half = config.nfft // 2
+    padded = np.zeros((*wav.shape[:-1], wav.shape[-1] + 2 * half), np.float32)
+    padded[..., half:half + wav.shape[-1]] = wav
+    view = np.lib.stride_tricks.sliding_window_view(padded, config.nfft, axis=-1)
+    return view[..., ::hop_samples(config), :]
+
+
+def frames_log_mel(framed: np.ndarray, config: argparse.Namespace,
+                   keep: np.ndarray | None = None) -> np.ndarray:
+    """log10 mel power [..., frames, n_mels] of frames from frames() (only the `keep` ones if
+    given): the original recipe (Hann window centred in nfft, |FFT|^2, mel, log10) in float32."""
+    length = window_samples(config)
+    offset = (config.nfft - length) // 2
+    # The FFT zero-pads the window at the end instead of around it: a circular shift, which
+    # leaves the power spectrum unchanged.
+    windowed = framed[..., offset:offset + length]
+    if keep is None:
+        windowed = windowed * _window(length)
+    else:
+        windowed = windowed[keep]
+        windowed *= _window(length)
+    spectrum = scipy.fft.rfft(windowed, n=config.nfft, axis=-1)
+    squares = spectrum.view(np.float32)
+    np.square(squares, out=squares)
+    mel = squares @ _interleaved_mel_basis(config.sr, config.nfft, config.n_mels)
+    return np.log10(mel + LOG_FLOOR, out=mel)
+
+
 def log_mel(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
     """log10 mel power spectrogram [..., frames, n_mels] of wav [..., samples] (original recipe)."""
-    spectrum = librosa.stft(wav, n_fft=config.nfft, hop_length=hop_samples(config),
-                            win_length=window_samples(config), center=True, pad_mode="constant")
-    power = spectrum.real ** 2 + spectrum.imag ** 2
-    mel = mel_basis(config.sr, config.nfft, config.n_mels) @ power
-    return np.swapaxes(np.log10(mel + LOG_FLOOR), -1, -2).astype(np.float32)
+    return frames_log_mel(frames(np.asarray(wav, dtype=np.float32), config), config)
+
+
+def voiced_frames(framed: np.ndarray, n_samples: int, config: argparse.Namespace) -> np.ndarray:
+    """The frames librosa's VAD (effects.split: frame RMS within --top_db of the loudest) keeps,
+    as a boolean mask over frames(wav) of a mono wav."""
+    rms = np.sqrt(np.einsum("ij,ij->i", framed, framed) / config.nfft)
+    power = np.maximum(rms * rms, 1e-10)  # as librosa's amplitude_to_db (amin 1e-5 squared)
+    db = 10.0 * np.log10(power) - 10.0 * np.log10(power.max())
+    keep = db > -config.top_db
+    # effects.split clips the last interval at the signal's end; the conversion back to frames
+    # then drops the last frame when it starts exactly at the end.
+    if n_samples % hop_samples(config) == 0:
+        keep[-1] = False
+    return keep
 
 
 def voiced_features(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
     """Log-mel frames of the intervals that librosa's VAD (effects.split) keeps."""
-    hop = hop_samples(config)
-    features = log_mel(wav, config)
-    intervals = librosa.effects.split(wav, top_db=config.top_db, frame_length=config.nfft,
-                                      hop_length=hop)
-    keep = np.zeros(len(features), dtype=bool)
-    for start, end in intervals:
-        keep[start // hop:-(-end // hop)] = True
-    voiced = features[keep]
-    if len(voiced) < config.min_frames:
-        raise AudioError("too short", f"too short: {len(voiced)} voiced frames, expected at least "
-                                      f"--min_frames {config.min_frames}")
-    return voiced
+    framed = frames(wav, config)
+    keep = voiced_frames(framed, len(wav), config)
+    if keep.sum() < config.min_frames:
+        raise AudioError("too short", f"too short: {keep.sum()} voiced frames, expected at "
+                                      f"least --min_frames {config.min_frames}")
+    return frames_log_mel(framed, config, keep)
 
 
 def phrase_waveform(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:

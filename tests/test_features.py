@@ -1,0 +1,82 @@
+"""Issue #5, features: the single-framing-pass log-mel and VAD equal the original librosa recipe
+(librosa.stft + mel + log10, and librosa.effects.split intervals), frame for frame."""
+
+import librosa
+import numpy as np
+import pytest
+
+import configuration
+import data_preprocess
+
+CONFIG = configuration.parse_config([])
+
+
+def reference_log_mel(wav: np.ndarray) -> np.ndarray:
+    """The original recipe, written with librosa's stft."""
+    hop = data_preprocess.hop_samples(CONFIG)
+    spectrum = librosa.stft(wav, n_fft=CONFIG.nfft, hop_length=hop,
+                            win_length=data_preprocess.window_samples(CONFIG), center=True,
+                            pad_mode="constant")
+    basis = librosa.filters.mel(sr=CONFIG.sr, n_fft=CONFIG.nfft, n_mels=CONFIG.n_mels)
+    return np.swapaxes(np.log10(basis @ np.abs(spectrum) ** 2 + 1e-6), -1, -2)
+
+
+def reference_voiced_features(wav: np.ndarray) -> np.ndarray:
+    """Frames inside librosa.effects.split's intervals (sample intervals back to frames)."""
+    hop = data_preprocess.hop_samples(CONFIG)
+    features = reference_log_mel(wav)
+    keep = np.zeros(len(features), dtype=bool)
+    for start, end in librosa.effects.split(wav, top_db=CONFIG.top_db, frame_length=CONFIG.nfft,
+                                            hop_length=hop):
+        keep[start // hop:-(-end // hop)] = True
+    return features[keep]
+
+
+def bursts(samples: int, seed: int) -> np.ndarray:
+    """Tones switched on and off, so the VAD has edges to find."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples) / CONFIG.sr
+    gate = np.sin(2 * np.pi * rng.uniform(1, 4) * t) > rng.uniform(-0.5, 0.5)
+    voice = np.sin(2 * np.pi * rng.uniform(100, 300) * t) + 0.3 * rng.standard_normal(samples)
+    return (0.5 * voice * gate + 1e-4 * rng.standard_normal(samples)).astype(np.float32)
+
+
+@pytest.mark.parametrize("samples", [16000, 16160, 16001, 24159, 400])
+def test_log_mel_equals_librosa_stft_recipe(samples):
+    wav = bursts(samples, samples)
+    np.testing.assert_allclose(data_preprocess.log_mel(wav, CONFIG), reference_log_mel(wav),
+                               atol=1e-4)
+
+
+def test_batched_log_mel_equals_one_at_a_time():
+    batch = np.stack([bursts(12800, seed) for seed in range(3)])
+    ours = data_preprocess.log_mel(batch, CONFIG)
+    assert ours.shape == (3, 81, CONFIG.n_mels)
+    for row, wav in zip(ours, batch):
+        np.testing.assert_allclose(row, reference_log_mel(wav), atol=1e-4)
+
+
+# Lengths that are and are not a multiple of the hop: the last frame is a special case.
+@pytest.mark.parametrize("samples, seed", [(32000, 1), (32001, 2), (48160, 3), (47999, 4)])
+def test_voiced_features_equal_effects_split(samples, seed):
+    wav = bursts(samples, seed)
+    wav[-800:] = 0.4 * np.sin(np.arange(800))  # loud to the very end
+    reference = reference_voiced_features(wav)
+    ours = data_preprocess.voiced_features(wav, CONFIG)
+    assert 0 < len(ours) < len(reference_log_mel(wav))
+    assert ours.shape == reference.shape
+    np.testing.assert_allclose(ours, reference, atol=1e-4)
+
+
+def test_voiced_features_of_real_recordings_equal_effects_split(shared_data):
+    files = sorted((shared_data / "speechocean762").rglob("*.flac"))[::200]
+    files += sorted((shared_data / "dspspeech20").rglob("*.flac"))[::300]
+    files += sorted((shared_data / "fsdd").rglob("*.flac"))[::600]
+    config = configuration.parse_config(["--min_frames", "1"])  # short digits included
+    for file in files:
+        wav = data_preprocess.load_audio(file, CONFIG.sr)
+        for cut in (wav, wav[:len(wav) // 160 * 160]):
+            reference = reference_voiced_features(cut)
+            ours = data_preprocess.voiced_features(cut, config)
+            assert ours.shape == reference.shape, file
+            np.testing.assert_allclose(ours, reference, atol=1e-4, err_msg=str(file))
