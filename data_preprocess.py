@@ -12,10 +12,12 @@ import csv
 import functools
 import glob
 import multiprocessing
+import os
 import re
 import struct
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import librosa
@@ -257,6 +259,21 @@ def inference_features(wav: np.ndarray, config: argparse.Namespace) -> np.ndarra
     if config.tdsv:
         return log_mel(phrase_waveform(wav, config), config)
     return voiced_features(wav, config)
+
+
+def files_inference_features(paths: list[str | Path], config: argparse.Namespace
+                             ) -> list[np.ndarray | AudioError]:
+    """inference_features of each audio file, on one thread per core (decoding and the FFT
+    release the GIL); a file that cannot be used gives its AudioError in its place."""
+    def one(path):
+        try:
+            return inference_features(load_audio(path, config.sr), config)
+        except AudioError as error:
+            return error
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return list(tqdm(pool.map(one, paths), total=len(paths), desc="features", unit="file",
+                         dynamic_ncols=True, disable=len(paths) < 2))
 
 
 def split_speakers(speakers: list[str], test_ratio: float, seed: int, folds: int = 0,

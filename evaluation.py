@@ -27,16 +27,14 @@ def embed_store(embed, store: dataset.SpeakerStore, window: int, desc: str
 def embed_files(embed, root: Path, names: list[str], config: argparse.Namespace
                 ) -> dict[str, np.ndarray]:
     """Utterance d-vectors of audio files under root, by relative name; a bad file is an error."""
-    features = []
-    for name in tqdm(names, desc="features", unit="file", dynamic_ncols=True):
-        path = root / name
+    paths = [root / name for name in names]
+    for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: named in the trial list but not found")
-        try:
-            features.append(data_preprocess.inference_features(
-                data_preprocess.load_audio(path, config.sr), config))
-        except data_preprocess.AudioError as error:
-            raise ValueError(f"{path}: {error}") from None
+    features = data_preprocess.files_inference_features(paths, config)
+    for path, result in zip(paths, features):
+        if isinstance(result, data_preprocess.AudioError):
+            raise ValueError(f"{path}: {result}")
     vectors = model.utterance_d_vectors(embed, features, config.window_frames)
     return dict(zip(names, vectors))
 

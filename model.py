@@ -115,11 +115,17 @@ class SpeakerEncoder(keras.Model):
         self.rnns = [keras.layers.RNN(LSTMPCell(hidden, proj),
                                       return_sequences=layer < num_layer - 1)
                      for layer in range(num_layer)]
+        self.supports_masking = True
 
-    def call(self, features):
+    def compute_mask(self, inputs, mask=None):
+        return None  # a d-vector has no time axis left to mask
+
+    def call(self, features, mask=None):
+        """mask [B,T] (True = real frame, padding at the end): the d-vector of each row is taken
+        at its last real frame, as if the row had not been padded."""
         x = features
         for rnn in self.rnns:
-            x = rnn(x)
+            x = rnn(x, mask=mask)
         return tf.math.l2_normalize(x, axis=-1, epsilon=1e-12)
 
 
@@ -366,17 +372,23 @@ EMBED_BUCKETS = (1, 16, 256)  # batch sizes the XLA embedder is compiled for
 
 
 def make_embedder(encoder: SpeakerEncoder, n_mels: int, window: int | None = None):
-    """A function from windows [B,T,n_mels] to d-vectors [B,P].
+    """A function from windows [B,T,n_mels] (and optional row lengths [B], rows padded at the
+    end) to d-vectors [B,P].
 
     Batches of exactly `window` frames run XLA-compiled (several times faster at small batch),
     padded up to a bucket size so that only len(EMBED_BUCKETS) shapes are ever compiled.
     """
     plain = tf.function(lambda x: encoder(x, training=False),
                         input_signature=[tf.TensorSpec([None, None, n_mels], tf.float32)])
+    masked = tf.function(lambda x, mask: encoder(x, mask=mask, training=False),
+                         input_signature=[tf.TensorSpec([None, None, n_mels], tf.float32),
+                                          tf.TensorSpec([None, None], tf.bool)])
     compiled = tf.function(lambda x: encoder(x, training=False), jit_compile=True)
 
-    def embed(batch: np.ndarray) -> np.ndarray:
+    def embed(batch: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
         batch = np.asarray(batch, dtype=np.float32)
+        if lengths is not None:
+            return masked(batch, np.arange(batch.shape[1]) < np.asarray(lengths)[:, None]).numpy()
         if window is None or batch.shape[1] != window or len(batch) > EMBED_BUCKETS[-1]:
             return plain(batch).numpy()
         size = next(b for b in EMBED_BUCKETS if b >= len(batch))
@@ -406,14 +418,15 @@ def utterance_d_vectors(embed, utterances: list[np.ndarray], window: int,
             sums[u] = sums.get(u, 0.0) + vector
     for u, total in sums.items():
         pooled[u] = total
-    by_length: dict[int, list[int]] = {}
-    for u in short:
-        by_length.setdefault(len(utterances[u]), []).append(u)
-    for indices in by_length.values():
-        for lo in range(0, len(indices), batch_size):
-            chunk = indices[lo:lo + batch_size]
-            out = embed(np.stack([utterances[u] for u in chunk]))
-            for u, vector in zip(chunk, out):
-                pooled[u] = vector
+    # Utterances shorter than a window: one padded batch, each read at its own last frame.
+    short.sort(key=lambda u: len(utterances[u]))
+    for lo in range(0, len(short), batch_size):
+        chunk = short[lo:lo + batch_size]
+        lengths = np.array([len(utterances[u]) for u in chunk])
+        padded = np.zeros((len(chunk), lengths.max(), utterances[chunk[0]].shape[1]), np.float32)
+        for row, u in enumerate(chunk):
+            padded[row, :lengths[row]] = utterances[u]
+        for u, vector in zip(chunk, embed(padded, lengths)):
+            pooled[u] = vector
     stacked = np.stack(pooled).astype(np.float32)
     return stacked / np.maximum(np.linalg.norm(stacked, axis=1, keepdims=True), 1e-12)

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import data_preprocess
 import model
@@ -27,22 +26,32 @@ def model_fingerprint(encoder: model.SpeakerEncoder) -> str:
     return digest.hexdigest()[:16]
 
 
-def file_features(path: str | Path, config: argparse.Namespace) -> np.ndarray:
-    """Features of one audio file; a missing, unreadable, silent or too-short file is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such audio file")
-    try:
-        return data_preprocess.inference_features(
-            data_preprocess.load_audio(path, config.sr), config)
-    except data_preprocess.AudioError as error:
-        raise ValueError(f"{path}: {error}") from None
+def files_features(paths: list[str | Path], config: argparse.Namespace
+                   ) -> list[np.ndarray | ValueError]:
+    """Features of audio files; a missing, unreadable, silent or too-short file gives a
+    ValueError naming it in its place."""
+    paths = [Path(p) for p in paths]
+    readable = [p for p in paths if p.is_file()]
+    found = dict(zip(readable, data_preprocess.files_inference_features(readable, config)))
+    results = []
+    for path in paths:
+        if path not in found:
+            results.append(ValueError(f"{path}: no such audio file"))
+        elif isinstance(found[path], data_preprocess.AudioError):
+            results.append(ValueError(f"{path}: {found[path]}"))
+        else:
+            results.append(found[path])
+    return results
 
 
 def embed_paths(embed, paths: list[str], config: argparse.Namespace) -> np.ndarray:
-    """Utterance d-vectors [F,P] of audio files (sliding windows, as in evaluation)."""
-    return model.utterance_d_vectors(embed, [file_features(p, config) for p in paths],
-                                     config.window_frames)
+    """Utterance d-vectors [F,P] of audio files (sliding windows, as in evaluation); a bad file
+    is an error."""
+    features = files_features(paths, config)
+    for result in features:
+        if isinstance(result, ValueError):
+            raise result
+    return model.utterance_d_vectors(embed, features, config.window_frames)
 
 
 def _profile_paths(config: argparse.Namespace, name: str) -> tuple[Path, Path]:
@@ -149,12 +158,12 @@ def embed_folder(config: argparse.Namespace) -> Path:
     if not files:
         raise FileNotFoundError(f"--audio_path {root}: no .wav or .flac files")
     names, features, skipped = [], [], []
-    for path in tqdm(files, desc="features", unit="file", dynamic_ncols=True):
-        try:
-            features.append(file_features(path, config))
+    for path, result in zip(files, files_features(files, config)):
+        if isinstance(result, ValueError):
+            skipped.append(str(result))
+        else:
+            features.append(result)
             names.append(path.relative_to(root).as_posix())
-        except ValueError as error:
-            skipped.append(str(error))
     if not features:
         raise ValueError(f"--audio_path {root}: no usable audio ({skipped[0]})")
     embed = model.make_embedder(encoder, config.n_mels, config.window_frames)

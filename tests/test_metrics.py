@@ -270,7 +270,7 @@ def test_utterance_d_vectors(tiny_embedder, batch_size):
     model, encoder, embed = tiny_embedder
     rng = np.random.default_rng(1)
     window = 6
-    lengths = [6, 15, 4, 14, 6, 7]
+    lengths = [6, 15, 4, 14, 6, 7, 2, 5, 3]  # several short ones share one padded batch
     utterances = [rng.normal(0.0, 1.0, (n, 4)).astype(np.float32) for n in lengths]
     got = model.utterance_d_vectors(embed, utterances, window, batch_size=batch_size)
     assert got.shape == (len(lengths), 3)
