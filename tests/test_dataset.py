@@ -64,3 +64,20 @@ def test_noise_from_clean_noisy_pairs_and_plain_recordings(tmp_path):
     expected = np.concatenate([noise / np.sqrt(np.mean(noise ** 2)),
                                plain / np.sqrt(np.mean(plain ** 2))])
     np.testing.assert_allclose(stream, expected, atol=1e-4)
+
+
+def test_out_of_core_reader_keeps_few_arrays_open(tiny_tisv, monkeypatch):
+    """With at most 2 memory maps open (LRU), random-access batches equal those of a reader
+    that keeps every array open; utterance names come from the sidecars on demand."""
+    config = configuration.parse_config(tiny_tisv + ["--N", "4", "--M", "3"])
+    everything = dataset.open_store(config.train_path, config, "train")
+    expected = [dataset.sample_batch(everything, config, step) for step in range(6)]
+    assert len(everything._arrays) > 2
+    monkeypatch.setattr(dataset, "OPEN_ARRAYS", 2)
+    bounded = dataset.open_store(config.train_path, config, "train", random_access=True)
+    for step, batch in enumerate(expected):
+        np.testing.assert_array_equal(dataset.sample_batch(bounded, config, step), batch)
+        assert len(bounded._arrays) <= 2
+    speaker = bounded.speakers[0]
+    names = bounded.utterance_names(speaker)
+    assert len(names) == bounded.num_utterances(speaker) and names[0].startswith(speaker)
