@@ -27,7 +27,6 @@ import soundfile as sf
 from tqdm import tqdm
 
 import configuration
-import synthetic_corpus
 import utils
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
@@ -454,6 +453,9 @@ def preprocess(config: argparse.Namespace) -> dict:
     """
     root = config.audio_path
     if not root:
+        # Imported here: scipy.signal costs each spawned --workers process almost a second.
+        import synthetic_corpus
+
         root = synthetic_corpus.build(config.synthetic_path, sr=config.sr, seed=config.seed)
         if config.tdsv and not (config.tdsv_phrase or config.tdsv_pattern):
             config.tdsv_pattern = SYNTHETIC_PHRASE_PATTERN
