@@ -24,6 +24,7 @@ import librosa
 import numpy as np
 import scipy.fft
 import soundfile as sf
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 import configuration
@@ -62,19 +63,28 @@ def window_samples(config: argparse.Namespace) -> int:
 
 
 def find_utterances(root: str | Path) -> dict[str, list[str]]:
-    """speaker -> sorted audio paths relative to root; the speaker is the first folder level."""
+    """speaker -> sorted audio paths relative to root; the speaker is the first folder level.
+    Symlinked folders are followed (corpus subsets are often built from links), each once."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--audio_path {root}: not a folder")
     tree: dict[str, list[str]] = {}
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file():
-            relative = path.relative_to(root)
-            if len(relative.parts) >= 2:
-                tree.setdefault(relative.parts[0], []).append(relative.as_posix())
+    seen = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link loop, or two links to one folder
+            subfolders.clear()
+            continue
+        seen.add(real)
+        relative = Path(folder).relative_to(root)
+        if not relative.parts:
+            continue
+        for name in names:
+            if Path(name).suffix.lower() in AUDIO_EXTENSIONS and (Path(folder) / name).is_file():
+                tree.setdefault(relative.parts[0], []).append((relative / name).as_posix())
     if not tree:
         raise FileNotFoundError(f"--audio_path {root}: no <speaker>/**/*.wav or *.flac files")
-    return tree
+    return {speaker: sorted(paths) for speaker, paths in sorted(tree.items())}
 
 
 def read_transcripts(root: str | Path) -> dict[str, str]:
@@ -270,7 +280,9 @@ def files_inference_features(paths: list[str | Path], config: argparse.Namespace
         except AudioError as error:
             return error
 
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    # BLAS threads only slow the small mel matmuls down, and spin against the other threads.
+    with threadpool_limits(limits=1, user_api="blas"), \
+            ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         return list(tqdm(pool.map(one, paths), total=len(paths), desc="features", unit="file",
                          dynamic_ncols=True, disable=len(paths) < 2))
 
@@ -299,7 +311,12 @@ def _speaker_job(job: tuple) -> tuple[str, bool, list[dict]]:
     """Process one speaker into out_dir (skipped if already complete). Returns (speaker, usable,
     skipped files)."""
     root, speaker, paths, out_dir, config = job
-    out_dir = Path(out_dir)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _process_speaker(root, speaker, paths, Path(out_dir), config)
+
+
+def _process_speaker(root: str, speaker: str, paths: list[str], out_dir: Path,
+                     config: argparse.Namespace) -> tuple[str, bool, list[dict]]:
     settings = feature_settings(config)
     sidecar = out_dir / f"{speaker}.json"
     done = _finished_speaker(sidecar, out_dir / f"{speaker}.npy", settings, paths)

@@ -125,3 +125,18 @@ def test_checkpoint_restores_the_trained_weights(tiny_tisv):
         np.testing.assert_array_equal(a, b)
         if a.ndim == 2:
             assert not np.allclose(a, c)
+
+
+def test_symlinked_speaker_folders_are_followed_once(tmp_path):
+    """A corpus subset built from folder links reads like the corpus; a link loop ends."""
+    from robust_corpus import write_speakers
+
+    write_speakers(tmp_path / "corpus", speakers=3, utterances=2)
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    for speaker in ("spk00", "spk02"):
+        (subset / speaker).symlink_to(tmp_path / "corpus" / speaker)
+    (tmp_path / "corpus" / "spk00" / "loop").symlink_to(tmp_path / "corpus" / "spk00")
+    tree = data_preprocess.find_utterances(subset)
+    assert tree == {"spk00": ["spk00/utt00.wav", "spk00/utt01.wav"],
+                    "spk02": ["spk02/utt00.wav", "spk02/utt01.wav"]}
