@@ -486,47 +486,48 @@ def preprocess(config: argparse.Namespace) -> dict:
     sharded = config.num_shards > 1
 
     summary = {"source": str(Path(root).resolve()), "settings": feature_settings(config)}
-    for split, speakers, out_dir in (("train", train_speakers, config.train_path),
-                                     ("test", test_speakers, config.test_path)):
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        speakers = speakers[config.shard::config.num_shards]
-        # A run killed mid-write leaves its temp files; the finished files are all renamed ones.
-        _remove_leftovers(out_dir, speakers, sharded)
-        if sharded:
-            (out_dir / "manifest.json").unlink(missing_ok=True)  # stale until all shards are in
-        jobs = [(root, s, tree[s], out_dir, config) for s in speakers]
-        usable, skipped = [], []
-        with multiprocessing.get_context("spawn").Pool(config.workers) if config.workers > 1 \
-                else _Serial() as pool:
+    # One pool for both splits: starting worker processes costs about a second each time.
+    with multiprocessing.get_context("spawn").Pool(config.workers) if config.workers > 1 \
+            else _Serial() as pool:
+        for split, speakers, out_dir in (("train", train_speakers, config.train_path),
+                                         ("test", test_speakers, config.test_path)):
+            out_dir = Path(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            speakers = speakers[config.shard::config.num_shards]
+            # A run killed mid-write leaves its temp files; the finished files are all renamed ones.
+            _remove_leftovers(out_dir, speakers, sharded)
+            if sharded:
+                (out_dir / "manifest.json").unlink(missing_ok=True)  # stale until all shards are in
+            jobs = [(root, s, tree[s], out_dir, config) for s in speakers]
+            usable, skipped = [], []
             for speaker, ok, bad in tqdm(pool.imap_unordered(_speaker_job, jobs), total=len(jobs),
                                          desc=f"preprocess {split}", unit="speaker",
                                          dynamic_ncols=True):
                 if ok:
                     usable.append(speaker)
                 skipped.extend(bad)
-        # Sorted: with --workers > 1 speakers finish in any order, the manifest must not vary.
-        skipped.sort(key=lambda entry: entry["path"])
-        manifest = {"settings": feature_settings(config), "source": summary["source"],
-                    "split": split, "speakers": sorted(usable), "skipped": skipped}
-        if split == "train" and config.tdsv and config.noise_path and config.shard == 0:
-            noise, bad_noise = build_noise(config)
-            utils.atomic_save_npy(out_dir / "noise.npy", noise)
-            manifest["noise_seconds"] = len(noise) / config.sr
-            manifest["skipped"].extend(bad_noise)
-        n_files = sum(len(tree[s]) for s in speakers)
-        shard_text = f" (shard {config.shard} of {config.num_shards})" if sharded else ""
-        manifest_file = out_dir / (shard_name(config.shard, config.num_shards) if sharded
-                                   else "manifest.json")
-        if sharded:
-            manifest.update(shard=config.shard, num_shards=config.num_shards)
-        utils.atomic_save_json(manifest_file, manifest)
-        print(f"{split}{shard_text}: {len(usable)} of {len(speakers)} speakers written to "
-              f"{out_dir}; skipped {skip_summary(skipped)} of {n_files} files "
-              f"(reasons in {manifest_file})")
-        if sharded:
-            manifest = _merge_if_complete(out_dir, config.num_shards)
-        summary[split] = manifest
+            # Sorted: with --workers > 1 speakers finish in any order, the manifest must not vary.
+            skipped.sort(key=lambda entry: entry["path"])
+            manifest = {"settings": feature_settings(config), "source": summary["source"],
+                        "split": split, "speakers": sorted(usable), "skipped": skipped}
+            if split == "train" and config.tdsv and config.noise_path and config.shard == 0:
+                noise, bad_noise = build_noise(config)
+                utils.atomic_save_npy(out_dir / "noise.npy", noise)
+                manifest["noise_seconds"] = len(noise) / config.sr
+                manifest["skipped"].extend(bad_noise)
+            n_files = sum(len(tree[s]) for s in speakers)
+            shard_text = f" (shard {config.shard} of {config.num_shards})" if sharded else ""
+            manifest_file = out_dir / (shard_name(config.shard, config.num_shards) if sharded
+                                       else "manifest.json")
+            if sharded:
+                manifest.update(shard=config.shard, num_shards=config.num_shards)
+            utils.atomic_save_json(manifest_file, manifest)
+            print(f"{split}{shard_text}: {len(usable)} of {len(speakers)} speakers written to "
+                  f"{out_dir}; skipped {skip_summary(skipped)} of {n_files} files "
+                  f"(reasons in {manifest_file})")
+            if sharded:
+                manifest = _merge_if_complete(out_dir, config.num_shards)
+            summary[split] = manifest
     return summary
 
 
