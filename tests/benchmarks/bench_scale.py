@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     audio = Path(args.audio)
     if audio.is_dir():
         result["preprocessing"] = bench_preprocessing(scratch, audio, 40 if args.quick else 200)
-        result["training"] = bench_training(scratch, 5 if args.quick else 20)
+        result["training"] = bench_training(scratch, 5 if args.quick else 40)
     else:
         print(f"no corpus at {audio}: the preprocessing and training rows were skipped")
     result["machine"]["load_after"] = list(os.getloadavg())
