@@ -170,9 +170,31 @@ def load_audio(path: str | Path, sr: int) -> np.ndarray:
     return np.ascontiguousarray(wav, dtype=np.float32)
 
 
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale (librosa's default): linear below 1 kHz, logarithmic above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    log_part = 15.0 + np.log(np.maximum(hz, 1000.0) / 1000.0) / (np.log(6.4) / 27.0)
+    return np.where(hz >= 1000.0, log_part, hz / (200.0 / 3))
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    log_part = 1000.0 * np.exp(np.log(6.4) / 27.0 * (mel - 15.0))
+    return np.where(mel >= 15.0, log_part, mel * (200.0 / 3))
+
+
 @functools.lru_cache(maxsize=8)
 def mel_basis(sr: int, nfft: int, n_mels: int) -> np.ndarray:
-    return librosa.filters.mel(sr=sr, n_fft=nfft, n_mels=n_mels).astype(np.float32)
+    """[n_mels, nfft // 2 + 1] Slaney-normalised triangular filters, as librosa.filters.mel.
+
+    Written in numpy because librosa.filters imports scipy.signal and numba: a second of start-up
+    in every --workers process."""
+    edges = _mel_to_hz(np.linspace(0.0, _hz_to_mel(sr / 2.0), n_mels + 2))
+    ramps = edges[:, None] - np.fft.rfftfreq(nfft, 1.0 / sr)[None, :]
+    widths = np.diff(edges)
+    rising = -ramps[:-2] / widths[:-1, None]
+    falling = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    return (weights * (2.0 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=8)
@@ -182,8 +204,9 @@ def _interleaved_mel_basis(sr: int, nfft: int, n_mels: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _window(length: int) -> np.ndarray:
-    return librosa.filters.get_window("hann", length, fftbins=True).astype(np.float32)
+def hann_window(length: int) -> np.ndarray:
+    """Periodic Hann window, as librosa's get_window('hann', fftbins=True)."""
+    return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(length) / length)).astype(np.float32)
 
 
 def frames(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
@@ -206,10 +229,10 @@ def frames_log_mel(framed: np.ndarray, config: argparse.Namespace,
     # leaves the power spectrum unchanged.
     windowed = framed[..., offset:offset + length]
     if keep is None:
-        windowed = windowed * _window(length)
+        windowed = windowed * hann_window(length)
     else:
         windowed = windowed[keep]
-        windowed *= _window(length)
+        windowed *= hann_window(length)
     spectrum = scipy.fft.rfft(windowed, n=config.nfft, axis=-1)
     squares = spectrum.view(np.float32)
     np.square(squares, out=squares)
@@ -250,8 +273,9 @@ def phrase_waveform(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
     """The phrase trimmed by VAD, centred in a window of exactly --tdsv_frame frames."""
     hop = hop_samples(config)
     length = (config.tdsv_frame - 1) * hop
-    _, (start, end) = librosa.effects.trim(wav, top_db=config.top_db, frame_length=config.nfft,
-                                           hop_length=hop)
+    # librosa.effects.trim: from the first to the end of the last frame the VAD keeps.
+    kept = np.flatnonzero(voiced_frames(frames(wav, config), len(wav), config))
+    start, end = (kept[0] * hop, min(len(wav), (kept[-1] + 1) * hop)) if kept.size else (0, 0)
     voiced = end - start
     if voiced < config.min_frames * hop // 4:
         raise AudioError("too short", f"too short: {voiced} voiced samples, expected at least "
@@ -487,7 +511,7 @@ def preprocess(config: argparse.Namespace) -> dict:
 
     summary = {"source": str(Path(root).resolve()), "settings": feature_settings(config)}
     # One pool for both splits: starting worker processes costs about a second each time.
-    with multiprocessing.get_context("spawn").Pool(config.workers) if config.workers > 1 \
+    with _worker_context().Pool(config.workers) if config.workers > 1 \
             else _Serial() as pool:
         for split, speakers, out_dir in (("train", train_speakers, config.train_path),
                                          ("test", test_speakers, config.test_path)):
@@ -538,6 +562,14 @@ def _merge_if_complete(out_dir: Path, num_shards: int) -> dict | None:
     manifest = merge_shards(out_dir)
     print(f"all {num_shards} shards done: merged into {out_dir / 'manifest.json'}")
     return manifest
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """fork where it is safe: forked workers start with every module imported (spawned ones
+    import them again, ~0.6 s each). TensorFlow's threads in this process make fork unsafe."""
+    if sys.platform == "linux" and "tensorflow" not in sys.modules:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 class _Serial:

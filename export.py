@@ -20,9 +20,8 @@ import model
 def _centred_window(config: argparse.Namespace) -> np.ndarray:
     """librosa's Hann window of --window samples, zero-padded to nfft around the frame centre."""
     length = data_preprocess.window_samples(config)
-    window = np.hanning(length + 1)[:-1]  # periodic Hann, as scipy.signal.get_window('hann')
     left = (config.nfft - length) // 2
-    return np.pad(window, (left, config.nfft - length - left)).astype(np.float32)
+    return np.pad(data_preprocess.hann_window(length), (left, config.nfft - length - left))
 
 
 def tf_frames(wav: tf.Tensor, config: argparse.Namespace) -> tf.Tensor:

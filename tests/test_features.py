@@ -80,3 +80,47 @@ def test_voiced_features_of_real_recordings_equal_effects_split(shared_data):
             ours = data_preprocess.voiced_features(cut, config)
             assert ours.shape == reference.shape, file
             np.testing.assert_allclose(ours, reference, atol=1e-4, err_msg=str(file))
+
+
+@pytest.mark.parametrize("sr, nfft, n_mels", [(16000, 512, 40), (8000, 256, 40), (22050, 2048, 128),
+                                              (16000, 400, 24)])
+def test_mel_basis_equals_librosa(sr, nfft, n_mels):
+    ours = data_preprocess.mel_basis(sr, nfft, n_mels)
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, librosa.filters.mel(sr=sr, n_fft=nfft, n_mels=n_mels),
+                               rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("length", [400, 401, 160])
+def test_hann_window_equals_librosa(length):
+    np.testing.assert_allclose(data_preprocess.hann_window(length),
+                               librosa.filters.get_window("hann", length, fftbins=True), atol=1e-7)
+
+
+def reference_phrase_waveform(wav: np.ndarray, config) -> np.ndarray:
+    """phrase_waveform with librosa.effects.trim finding the phrase."""
+    hop = data_preprocess.hop_samples(config)
+    length = (config.tdsv_frame - 1) * hop
+    _, (start, end) = librosa.effects.trim(wav, top_db=config.top_db, frame_length=config.nfft,
+                                           hop_length=hop)
+    lo = max(0, min((start + end) // 2 - length // 2, len(wav) - length))
+    segment = wav[lo:lo + length]
+    return np.pad(segment, (0, length - len(segment)))
+
+
+@pytest.mark.parametrize("samples, seed", [(32000, 1), (32001, 2), (48160, 3), (7999, 4)])
+def test_phrase_waveform_equals_librosa_trim(samples, seed):
+    config = configuration.parse_config(["--min_frames", "1"])
+    wav = bursts(samples, seed)
+    np.testing.assert_array_equal(data_preprocess.phrase_waveform(wav, config),
+                                  reference_phrase_waveform(wav, config))
+
+
+def test_phrase_waveform_of_real_recordings_equals_librosa_trim(shared_data):
+    config = configuration.parse_config(["--min_frames", "1"])
+    files = sorted((shared_data / "dspspeech20").rglob("*.flac"))[::40]
+    files += sorted((shared_data / "fsdd").rglob("*.flac"))[::300]
+    for file in files:
+        wav = data_preprocess.load_audio(file, CONFIG.sr)
+        np.testing.assert_array_equal(data_preprocess.phrase_waveform(wav, config),
+                                      reference_phrase_waveform(wav, config), err_msg=str(file))

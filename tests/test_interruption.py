@@ -46,7 +46,8 @@ def test_kill_9_during_preprocessing_then_rerun(tmp_path):
     out = tmp_path / "killed"
     flags = ["--audio_path", str(audio), "--train_path", str(out / "train"),
              "--test_path", str(out / "test"), "--test_ratio", "0.2"]
-    process = start("data_preprocess.py", flags)
+    # Two forked workers in the killed run: the rerun and the reference are single-process.
+    process = start("data_preprocess.py", flags + ["--workers", "2"])
     kill_when(process, lambda: any((out / "train").glob("spk*.json")))
 
     finished = {p: p.stat() for p in (out / "train").glob("spk*")
