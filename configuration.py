@@ -16,7 +16,7 @@ SHAPE_KEYS = ("tdsv", "sr", "nfft", "window", "hop", "n_mels", "tdsv_frame", "hi
 # Flags that fix the optimizer state, learning-rate schedule and batches; `--train True --restore
 # True` takes them from the saved config so a resumed run continues the interrupted one exactly.
 RESUME_KEYS = ("optim", "lr", "lr_decay_every", "beta1", "beta2", "clip_norm", "loss", "N", "M",
-               "seed", "tisv_frame", "tisv_frame_min", "snr_db")
+               "seed", "tisv_frame", "tisv_frame_min", "snr_db", "source_weights")
 
 
 def str2bool(value: str) -> bool:
@@ -62,6 +62,13 @@ def _positive_float(value: str) -> float:
     number = _number(value, float, "a positive number")
     if not number > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = _number(value, float, "a number >= 0")
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
     return number
 
 
@@ -177,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="TD-SV: noise clips kept for augmentation")
     training.add_argument("--snr_db", type=_finite_float, nargs=2, default=(5.0, 20.0),
                           metavar=("LOW", "HIGH"), help="TD-SV: noise SNR range (dB)")
+    training.add_argument("--source_weights", type=_non_negative_float, nargs="+", default=None,
+                          metavar="W", help="with several --train_path folders: draw each batch "
+                          "from one folder, folder i with probability W_i / sum(W) (the paper's "
+                          "MultiReader loss weights); default: pool all their speakers")
     training.add_argument("--loss", type=str, default="softmax", choices=("softmax", "contrast"),
                           help="GE2E loss (eq. 6 or eq. 7)")
     training.add_argument("--optim", type=str, default="sgd", choices=("sgd", "adam", "rmsprop"),
@@ -258,6 +269,8 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--verify and --identify take one --audio file, got {len(config.audio)}")
     if config.tisv_frame_min > config.tisv_frame:
         parser.error("--tisv_frame_min must not exceed --tisv_frame")
+    if config.source_weights and not sum(config.source_weights) > 0:
+        parser.error("--source_weights: expected at least one weight above 0")
     if config.snr_db[0] > config.snr_db[1]:
         parser.error(f"--snr_db LOW HIGH: LOW {config.snr_db[0]} exceeds HIGH {config.snr_db[1]}")
     if config.shard >= config.num_shards:

@@ -34,9 +34,11 @@ class SpeakerStore:
         self.random_access = random_access
         self.tdsv = parts[0][1]["settings"]["kind"] == "tdsv"
         self.speakers: list[str] = []
+        self.sources: list[np.ndarray] = []  # indices into speakers, one array per folder
         self.offsets: dict[str, np.ndarray] = {}
         self._files: dict[str, Path] = {}
         for index, (path, manifest) in enumerate(parts):
+            self.sources.append(np.arange(len(manifest["speakers"])) + len(self.speakers))
             for speaker in manifest["speakers"]:
                 key = speaker if len(parts) == 1 else f"{index}:{speaker}"
                 sidecar = _read_json(path / f"{speaker}.json", ("lengths", "utterances"))
@@ -160,15 +162,27 @@ def _noise(store: SpeakerStore, shape: tuple[int, int], rng: np.random.Generator
     return clips / np.maximum(np.sqrt(np.mean(clips ** 2, axis=1, keepdims=True)), 1e-8)
 
 
+def batch_speakers(store: SpeakerStore, config: argparse.Namespace, rng: np.random.Generator
+                   ) -> np.ndarray:
+    """N distinct speaker indices: from all folders pooled, or with --source_weights all from
+    one folder, drawn with probability proportional to its weight."""
+    if not config.source_weights:
+        return rng.choice(store.num_speakers, config.N, replace=False)
+    # MultiReader (paper, sec. 2.3): each folder's loss from batches of its own speakers,
+    # weighted by how often its batches come.
+    weights = np.asarray(config.source_weights, dtype=np.float64)
+    source = store.sources[rng.choice(len(weights), p=weights / weights.sum())]
+    return rng.choice(source, config.N, replace=False)
+
+
 def sample_batch(store: SpeakerStore, config: argparse.Namespace, step: int) -> np.ndarray:
     """Batch `step` of training: N speakers x M utterances, speaker-major, [N*M, T, n_mels].
 
     Seeded by (seed, step), so a resumed run sees exactly the batches of an uninterrupted one.
     """
     rng = np.random.default_rng([config.seed, step])
-    speakers = rng.choice(store.num_speakers, config.N, replace=False)
     picks = []
-    for s in speakers:
+    for s in batch_speakers(store, config, rng):
         speaker = store.speakers[s]
         count = store.num_utterances(speaker)
         picks.extend((speaker, u) for u in rng.choice(count, config.M, replace=count < config.M))
@@ -186,6 +200,15 @@ def sample_batch(store: SpeakerStore, config: argparse.Namespace, step: int) -> 
 def training_batches(store: SpeakerStore, config: argparse.Namespace, start_step: int
                      ) -> tf.data.Dataset:
     """Batches start_step+1 .. iteration, assembled in parallel and prefetched by tf.data."""
+    if config.source_weights:
+        if len(config.source_weights) != len(store.sources):
+            raise ValueError(f"--source_weights: {len(config.source_weights)} weights for "
+                             f"{len(store.sources)} --train_path folders; give one per folder")
+        for weight, source, path in zip(config.source_weights, store.sources,
+                                        config.train_path.split(",")):
+            if weight > 0 and len(source) < config.N:
+                raise ValueError(f"--source_weights: {path} has {len(source)} speakers, fewer "
+                                 f"than --N {config.N}; lower --N or give it weight 0")
     def make(step):
         return sample_batch(store, config, int(step))
 

@@ -81,3 +81,38 @@ def test_out_of_core_reader_keeps_few_arrays_open(tiny_tisv, monkeypatch):
     speaker = bounded.speakers[0]
     names = bounded.utterance_names(speaker)
     assert len(names) == bounded.num_utterances(speaker) and names[0].startswith(speaker)
+
+
+def test_source_weights_draw_each_batch_from_one_folder(tiny_tisv):
+    config = configuration.parse_config(tiny_tisv + ["--N", "3"])
+    paths = f"{config.train_path},{config.train_path}"
+    store = dataset.open_store(paths, config, "train")
+    half = store.num_speakers // 2
+    assert [list(s) for s in store.sources] == [list(range(half)), list(range(half, 2 * half))]
+    counts = {}
+    for weights in ([1.0, 0.0], [0.0, 2.0], [1.0, 3.0]):
+        config.source_weights = weights
+        sources = []
+        for step in range(400):
+            speakers = dataset.batch_speakers(store, config, np.random.default_rng(step))
+            assert len(set(speakers)) == 3
+            from_second = speakers >= half
+            assert from_second.all() or not from_second.any(), speakers  # never mixed
+            sources.append(int(from_second[0]))
+        counts[tuple(weights)] = np.mean(sources)
+    assert counts[(1.0, 0.0)] == 0 and counts[(0.0, 2.0)] == 1
+    assert 0.68 < counts[(1.0, 3.0)] < 0.82  # 3 / 4 of the batches, 400 draws
+
+
+def test_source_weights_are_checked_against_the_folders(tiny_tisv):
+    config = configuration.parse_config(tiny_tisv + ["--source_weights", "1", "1", "1"])
+    paths = f"{config.train_path},{config.train_path}"
+    store = dataset.open_store(paths, config, "train")
+    config.train_path = paths
+    with pytest.raises(ValueError, match="3 weights for 2 --train_path folders"):
+        dataset.training_batches(store, config, 0)
+    config.source_weights, config.N = [1.0, 1.0], store.num_speakers // 2 + 1
+    with pytest.raises(ValueError, match=f"fewer than --N {config.N}"):
+        dataset.training_batches(store, config, 0)
+    with pytest.raises(SystemExit):
+        configuration.parse_config(tiny_tisv + ["--source_weights", "0", "0"])
