@@ -42,7 +42,9 @@ def test_two_shards_then_merge_equal_one_run(tmp_path, capsys):
     assert data_preprocess.main(flags(tmp_path / "one")) == 0
     # Two machines writing into one shared folder: the last shard to finish merges.
     shared = tmp_path / "shared"
-    assert data_preprocess.main(flags(shared) + ["--shard", "1", "--num_shards", "2"]) == 0
+    # Two spawned workers (this process has TensorFlow loaded, so no fork).
+    assert data_preprocess.main(flags(shared) + ["--shard", "1", "--num_shards", "2",
+                                                 "--workers", "2"]) == 0
     assert not (shared / "train" / "manifest.json").exists()
     with pytest.raises(ValueError, match="--merge True"):
         dataset.open_store(str(shared / "train"), configuration.parse_config([]), "train")
@@ -68,6 +70,14 @@ def test_two_shards_then_merge_equal_one_run(tmp_path, capsys):
                   for i in (0, 1)]
         assert not set(shards[0]["speakers"]) & set(shards[1]["speakers"])
         assert all(shard["speakers"] for shard in shards), "a shard got no speaker"
+
+
+def test_workers_fork_only_without_tensorflow(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setitem(sys.modules, "tensorflow", sys.modules.get("tensorflow", object()))
+    assert data_preprocess._worker_context().get_start_method() == "spawn"
+    monkeypatch.delitem(sys.modules, "tensorflow")
+    assert data_preprocess._worker_context().get_start_method() == "fork"
 
 
 def test_merge_names_the_missing_shard(tmp_path, capsys):
