@@ -236,6 +236,8 @@ def test_killed_run_temp_files_removed_and_unreadable_sidecar_redone(tmp_path):
     (["--seed", "-1"], ["--seed", "expected an integer >= 0"]),
     (["--beta1", "1.0"], ["--beta1", "[0, 1)"]),
     (["--snr_db", "20", "5"], ["--snr_db", "exceeds"]),
+    (["--source_weights", "1", "-1"], ["--source_weights", "expected a number >= 0"]),
+    (["--source_weights", "0", "0"], ["--source_weights", "above 0"]),
     (["--tisv_frame_min", "300"], ["--tisv_frame_min"]),
     (["--nfft", "256"], ["--window", "--nfft 256"]),
     (["--no_such_flag"], ["unrecognized arguments: --no_such_flag"]),
@@ -263,6 +265,14 @@ def test_n_larger_than_speakers(tmp_path_factory, tmp_path, capsys):
     flags = preprocessed(tmp_path_factory) + ["--model_path", str(tmp_path / "m"), "--N", "9"]
     assert main.main(flags + ["--iteration", "1"]) == 2
     assert "--N 9 exceeds the 4 training speakers" in one_line_error(capsys.readouterr().err)
+
+
+def test_source_weights_not_matching_the_folders(tmp_path_factory, tmp_path, capsys):
+    flags = preprocessed(tmp_path_factory) + ["--model_path", str(tmp_path / "m")]
+    train_path = flags[flags.index("--train_path") + 1]
+    flags[flags.index("--train_path") + 1] = f"{train_path},{train_path}"
+    assert main.main(flags + ["--iteration", "1", "--source_weights", "1", "1", "1"]) == 2
+    assert "3 weights for 2 --train_path folders" in one_line_error(capsys.readouterr().err)
 
 
 def test_speakers_with_fewer_than_m_utterances_still_train(tmp_path_factory, tmp_path):
