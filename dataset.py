@@ -209,6 +209,7 @@ def training_batches(store: SpeakerStore, config: argparse.Namespace, start_step
             if weight > 0 and len(source) < config.N:
                 raise ValueError(f"--source_weights: {path} has {len(source)} speakers, fewer "
                                  f"than --N {config.N}; lower --N or give it weight 0")
+
     def make(step):
         return sample_batch(store, config, int(step))
 
