@@ -202,6 +202,10 @@ def make_train_step(encoder: SpeakerEncoder, scale: GE2EScale,
     variables = list(scale.trainable_variables) + list(encoder.trainable_variables)
     n_scale = len(scale.trainable_variables)
 
+    def batch_loss(d_vectors):
+        w, b = scale()
+        return ge2e_loss(tf.reshape(d_vectors, (n, m, -1)), w, b, config.loss)
+
     def shared_loss_gradients(features):
         """Loss of the whole batch and this replica's gradient share, summed over replicas."""
         context = tf.distribute.get_replica_context()
@@ -211,9 +215,7 @@ def make_train_step(encoder: SpeakerEncoder, scale: GE2EScale,
             # The other replicas' d-vectors enter as constants: each replica differentiates
             # only through its own share.
             gathered = tf.stop_gradient(context.all_gather(own, axis=0))
-            d_vectors = tf.concat([gathered[:lo], own, gathered[lo + share:]], axis=0)
-            w, b = scale()
-            loss = ge2e_loss(tf.reshape(d_vectors, (n, m, -1)), w, b, config.loss)
+            loss = batch_loss(tf.concat([gathered[:lo], own, gathered[lo + share:]], axis=0))
         grads = tape.gradient(loss, variables)
         # Every replica holds the whole gradient of w and b, but only its share of the
         # encoder's: after this division the sum over replicas is the one-device gradient.
@@ -222,9 +224,7 @@ def make_train_step(encoder: SpeakerEncoder, scale: GE2EScale,
 
     def loss_gradients(features):
         with tf.GradientTape() as tape:
-            d_vectors = encoder(features, training=True)
-            w, b = scale()
-            loss = ge2e_loss(tf.reshape(d_vectors, (n, m, -1)), w, b, config.loss)
+            loss = batch_loss(encoder(features, training=True))
         return loss, tape.gradient(loss, variables)
 
     def replica_step(features):
