@@ -225,19 +225,20 @@ def frames_log_mel(framed: np.ndarray, config: argparse.Namespace,
     given): the original recipe (Hann window centred in nfft, |FFT|^2, mel, log10) in float32."""
     length = window_samples(config)
     offset = (config.nfft - length) // 2
-    # The FFT zero-pads the window at the end instead of around it: a circular shift, which
-    # leaves the power spectrum unchanged.
+    # The FFT takes the window at the start of nfft instead of centred in it: a circular shift,
+    # which leaves the power spectrum unchanged. The buffer is zero-padded here because
+    # scipy's own padding (rfft(n=nfft)) costs more than the transform.
     windowed = framed[..., offset:offset + length]
-    if keep is None:
-        windowed = windowed * hann_window(length)
-    else:
+    if keep is not None:
         windowed = windowed[keep]
-        windowed *= hann_window(length)
-    spectrum = scipy.fft.rfft(windowed, n=config.nfft, axis=-1)
+    padded = np.zeros((*windowed.shape[:-1], config.nfft), np.float32)
+    np.multiply(windowed, hann_window(length), out=padded[..., :length])
+    spectrum = scipy.fft.rfft(padded, axis=-1, overwrite_x=True)
     squares = spectrum.view(np.float32)
     np.square(squares, out=squares)
     mel = squares @ _interleaved_mel_basis(config.sr, config.nfft, config.n_mels)
-    return np.log10(mel + LOG_FLOOR, out=mel)
+    np.add(mel, LOG_FLOOR, out=mel)
+    return np.log10(mel, out=mel)
 
 
 def log_mel(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
@@ -331,12 +332,12 @@ def split_speakers(speakers: list[str], test_ratio: float, seed: int, folds: int
     return sorted(order[n_test:]), sorted(order[:n_test])
 
 
-def _speaker_job(job: tuple) -> tuple[str, bool, list[dict]]:
-    """Process one speaker into out_dir (skipped if already complete). Returns (speaker, usable,
-    skipped files)."""
-    root, speaker, paths, out_dir, config = job
+def _speaker_job(job: tuple) -> tuple[str, str, bool, list[dict]]:
+    """Process one speaker into out_dir (skipped if already complete). Returns (split, speaker,
+    usable, skipped files)."""
+    split, root, speaker, paths, out_dir, config = job
     with threadpool_limits(limits=1, user_api="blas"):
-        return _process_speaker(root, speaker, paths, Path(out_dir), config)
+        return (split, *_process_speaker(root, speaker, paths, Path(out_dir), config))
 
 
 def _process_speaker(root: str, speaker: str, paths: list[str], out_dir: Path,
@@ -510,49 +511,68 @@ def preprocess(config: argparse.Namespace) -> dict:
     sharded = config.num_shards > 1
 
     summary = {"source": str(Path(root).resolve()), "settings": feature_settings(config)}
+    splits = {}
+    for split, speakers, out_dir in (("train", train_speakers, config.train_path),
+                                     ("test", test_speakers, config.test_path)):
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        speakers = speakers[config.shard::config.num_shards]
+        # A run killed mid-write leaves its temp files; the finished files are all renamed ones.
+        _remove_leftovers(out_dir, speakers, sharded)
+        if sharded:
+            (out_dir / "manifest.json").unlink(missing_ok=True)  # stale until all shards are in
+        splits[split] = (out_dir, speakers)
+    # One queue for both splits, largest speakers first: no worker idles at the end of a split
+    # or waits on one long speaker started last.
+    jobs = sorted(((split, root, s, tree[s], out_dir, config)
+                   for split, (out_dir, speakers) in splits.items() for s in speakers),
+                  key=lambda job: -_audio_bytes(root, job[3]))
+    usable = {split: [] for split in splits}
+    skipped = {split: [] for split in splits}
     # One pool for both splits: starting worker processes costs about a second each time.
     with _worker_context().Pool(config.workers) if config.workers > 1 \
             else _Serial() as pool:
-        for split, speakers, out_dir in (("train", train_speakers, config.train_path),
-                                         ("test", test_speakers, config.test_path)):
-            out_dir = Path(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            speakers = speakers[config.shard::config.num_shards]
-            # A run killed mid-write leaves its temp files; the finished files are all renamed ones.
-            _remove_leftovers(out_dir, speakers, sharded)
-            if sharded:
-                (out_dir / "manifest.json").unlink(missing_ok=True)  # stale until all shards are in
-            jobs = [(root, s, tree[s], out_dir, config) for s in speakers]
-            usable, skipped = [], []
-            for speaker, ok, bad in tqdm(pool.imap_unordered(_speaker_job, jobs), total=len(jobs),
-                                         desc=f"preprocess {split}", unit="speaker",
-                                         dynamic_ncols=True):
-                if ok:
-                    usable.append(speaker)
-                skipped.extend(bad)
-            # Sorted: with --workers > 1 speakers finish in any order, the manifest must not vary.
-            skipped.sort(key=lambda entry: entry["path"])
-            manifest = {"settings": feature_settings(config), "source": summary["source"],
-                        "split": split, "speakers": sorted(usable), "skipped": skipped}
-            if split == "train" and config.tdsv and config.noise_path and config.shard == 0:
-                noise, bad_noise = build_noise(config)
-                utils.atomic_save_npy(out_dir / "noise.npy", noise)
-                manifest["noise_seconds"] = len(noise) / config.sr
-                manifest["skipped"].extend(bad_noise)
-            n_files = sum(len(tree[s]) for s in speakers)
-            shard_text = f" (shard {config.shard} of {config.num_shards})" if sharded else ""
-            manifest_file = out_dir / (shard_name(config.shard, config.num_shards) if sharded
-                                       else "manifest.json")
-            if sharded:
-                manifest.update(shard=config.shard, num_shards=config.num_shards)
-            utils.atomic_save_json(manifest_file, manifest)
-            print(f"{split}{shard_text}: {len(usable)} of {len(speakers)} speakers written to "
-                  f"{out_dir}; skipped {skip_summary(skipped)} of {n_files} files "
-                  f"(reasons in {manifest_file})")
-            if sharded:
-                manifest = _merge_if_complete(out_dir, config.num_shards)
-            summary[split] = manifest
+        for split, speaker, ok, bad in tqdm(pool.imap_unordered(_speaker_job, jobs),
+                                            total=len(jobs), desc="preprocess", unit="speaker",
+                                            dynamic_ncols=True):
+            if ok:
+                usable[split].append(speaker)
+            skipped[split].extend(bad)
+    for split, (out_dir, speakers) in splits.items():
+        # Sorted: with --workers > 1 speakers finish in any order, the manifest must not vary.
+        manifest = {"settings": feature_settings(config), "source": summary["source"],
+                    "split": split, "speakers": sorted(usable[split]),
+                    "skipped": sorted(skipped[split], key=lambda entry: entry["path"])}
+        if split == "train" and config.tdsv and config.noise_path and config.shard == 0:
+            noise, bad_noise = build_noise(config)
+            utils.atomic_save_npy(out_dir / "noise.npy", noise)
+            manifest["noise_seconds"] = len(noise) / config.sr
+            manifest["skipped"].extend(bad_noise)
+        n_files = sum(len(tree[s]) for s in speakers)
+        shard_text = f" (shard {config.shard} of {config.num_shards})" if sharded else ""
+        manifest_file = out_dir / (shard_name(config.shard, config.num_shards) if sharded
+                                   else "manifest.json")
+        if sharded:
+            manifest.update(shard=config.shard, num_shards=config.num_shards)
+        utils.atomic_save_json(manifest_file, manifest)
+        print(f"{split}{shard_text}: {len(usable[split])} of {len(speakers)} speakers written to "
+              f"{out_dir}; skipped {skip_summary(manifest['skipped'])} of {n_files} files "
+              f"(reasons in {manifest_file})")
+        if sharded:
+            manifest = _merge_if_complete(out_dir, config.num_shards)
+        summary[split] = manifest
     return summary
+
+
+def _audio_bytes(root: str | Path, paths: list[str]) -> int:
+    """A speaker's audio size on disk: the cost estimate that orders the jobs."""
+    total = 0
+    for relative in paths:
+        try:
+            total += os.path.getsize(Path(root) / relative)
+        except OSError:  # reported as unreadable when the speaker is processed
+            pass
+    return total
 
 
 def _merge_if_complete(out_dir: Path, num_shards: int) -> dict | None:
