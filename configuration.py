@@ -86,6 +86,14 @@ def _decay(value: str) -> float:
     return number
 
 
+def _speed_factor(value: str) -> float:
+    number = _number(value, float, "a speed factor between 0.5 and 2, not 1")
+    if not (0.5 <= number <= 2.0 and number != 1.0):
+        raise argparse.ArgumentTypeError(
+            f"expected a speed factor between 0.5 and 2, not 1, got {value!r}")
+    return number
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line naming the flag, without the usage block."""
 
@@ -142,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "into manifest.json (after copying the shards' output together)")
     data.add_argument("--min_utterances", type=_positive_int, default=2,
                       help="speakers with fewer usable utterances are skipped")
+    data.add_argument("--speed_perturb", type=_speed_factor, nargs="*", default=[],
+                      metavar="F",
+                      help="speaker augmentation: also write each training speaker sped up by "
+                           "each factor F (tempo and pitch, as sox's speed) as a new speaker "
+                           "<speaker>_spF, e.g. 0.9 1.1; the test split is never perturbed")
 
     features = parser.add_argument_group("features")
     features.add_argument("--sr", type=_positive_int, default=16000, help="sample rate (Hz)")

@@ -170,6 +170,17 @@ def load_audio(path: str | Path, sr: int) -> np.ndarray:
     return np.ascontiguousarray(wav, dtype=np.float32)
 
 
+def speed_perturb(wav: np.ndarray, factor: float, sr: int) -> np.ndarray:
+    """wav played `factor` times faster (tempo and pitch, as sox's speed): read as if sampled at
+    sr * factor, resampled back to sr."""
+    return librosa.resample(wav, orig_sr=sr * factor, target_sr=sr, res_type="soxr_hq")
+
+
+def perturbed_name(speaker: str, factor: float) -> str:
+    """The new speaker that --speed_perturb makes of `speaker` at `factor`."""
+    return f"{speaker}_sp{factor:g}"
+
+
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
     """Slaney's mel scale (librosa's default): linear below 1 kHz, logarithmic above."""
     hz = np.asarray(hz, dtype=np.float64)
@@ -333,16 +344,19 @@ def split_speakers(speakers: list[str], test_ratio: float, seed: int, folds: int
 
 
 def _speaker_job(job: tuple) -> tuple[str, str, bool, list[dict]]:
-    """Process one speaker into out_dir (skipped if already complete). Returns (split, speaker,
-    usable, skipped files)."""
-    split, root, speaker, paths, out_dir, config = job
+    """Process one speaker (at one speed) into out_dir, skipped if already complete. Returns
+    (split, speaker name written, usable, skipped files)."""
+    split, root, speaker, speed, paths, out_dir, config = job
     with threadpool_limits(limits=1, user_api="blas"):
-        return (split, *_process_speaker(root, speaker, paths, Path(out_dir), config))
+        return (split, *_process_speaker(root, speaker, speed, paths, Path(out_dir), config))
 
 
-def _process_speaker(root: str, speaker: str, paths: list[str], out_dir: Path,
+def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], out_dir: Path,
                      config: argparse.Namespace) -> tuple[str, bool, list[dict]]:
     settings = feature_settings(config)
+    if speed != 1.0:
+        speaker = perturbed_name(speaker, speed)
+        settings["speed"] = speed
     sidecar = out_dir / f"{speaker}.json"
     done = _finished_speaker(sidecar, out_dir / f"{speaker}.npy", settings, paths)
     if done is not None:
@@ -351,6 +365,8 @@ def _process_speaker(root: str, speaker: str, paths: list[str], out_dir: Path,
     for relative in paths:
         try:
             wav = load_audio(Path(root) / relative, config.sr)
+            if speed != 1.0:
+                wav = speed_perturb(wav, speed, config.sr)
             arrays.append(phrase_waveform(wav, config) if config.tdsv
                           else voiced_features(wav, config))
             kept.append(relative)
@@ -512,21 +528,24 @@ def preprocess(config: argparse.Namespace) -> dict:
 
     summary = {"source": str(Path(root).resolve()), "settings": feature_settings(config)}
     splits = {}
+    jobs = []
     for split, speakers, out_dir in (("train", train_speakers, config.train_path),
                                      ("test", test_speakers, config.test_path)):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         speakers = speakers[config.shard::config.num_shards]
+        speeds = [1.0, *config.speed_perturb] if split == "train" else [1.0]
         # A run killed mid-write leaves its temp files; the finished files are all renamed ones.
-        _remove_leftovers(out_dir, speakers, sharded)
+        _remove_leftovers(out_dir, [s if speed == 1.0 else perturbed_name(s, speed)
+                                    for s in speakers for speed in speeds], sharded)
         if sharded:
             (out_dir / "manifest.json").unlink(missing_ok=True)  # stale until all shards are in
-        splits[split] = (out_dir, speakers)
+        splits[split] = (out_dir, speakers, len(speeds))
+        jobs += [(split, root, s, speed, tree[s], out_dir, config)
+                 for s in speakers for speed in speeds]
     # One queue for both splits, largest speakers first: no worker idles at the end of a split
     # or waits on one long speaker started last.
-    jobs = sorted(((split, root, s, tree[s], out_dir, config)
-                   for split, (out_dir, speakers) in splits.items() for s in speakers),
-                  key=lambda job: -_audio_bytes(root, job[3]))
+    jobs.sort(key=lambda job: -_audio_bytes(root, job[4]))
     usable = {split: [] for split in splits}
     skipped = {split: [] for split in splits}
     # One pool for both splits: starting worker processes costs about a second each time.
@@ -538,7 +557,7 @@ def preprocess(config: argparse.Namespace) -> dict:
             if ok:
                 usable[split].append(speaker)
             skipped[split].extend(bad)
-    for split, (out_dir, speakers) in splits.items():
+    for split, (out_dir, speakers, copies) in splits.items():
         # Sorted: with --workers > 1 speakers finish in any order, the manifest must not vary.
         manifest = {"settings": feature_settings(config), "source": summary["source"],
                     "split": split, "speakers": sorted(usable[split]),
@@ -548,14 +567,15 @@ def preprocess(config: argparse.Namespace) -> dict:
             utils.atomic_save_npy(out_dir / "noise.npy", noise)
             manifest["noise_seconds"] = len(noise) / config.sr
             manifest["skipped"].extend(bad_noise)
-        n_files = sum(len(tree[s]) for s in speakers)
+        n_files = copies * sum(len(tree[s]) for s in speakers)
         shard_text = f" (shard {config.shard} of {config.num_shards})" if sharded else ""
         manifest_file = out_dir / (shard_name(config.shard, config.num_shards) if sharded
                                    else "manifest.json")
         if sharded:
             manifest.update(shard=config.shard, num_shards=config.num_shards)
         utils.atomic_save_json(manifest_file, manifest)
-        print(f"{split}{shard_text}: {len(usable[split])} of {len(speakers)} speakers written to "
+        print(f"{split}{shard_text}: {len(usable[split])} of {copies * len(speakers)} speakers "
+              f"written to "
               f"{out_dir}; skipped {skip_summary(manifest['skipped'])} of {n_files} files "
               f"(reasons in {manifest_file})")
         if sharded:

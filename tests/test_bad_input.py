@@ -238,6 +238,8 @@ def test_killed_run_temp_files_removed_and_unreadable_sidecar_redone(tmp_path):
     (["--snr_db", "20", "5"], ["--snr_db", "exceeds"]),
     (["--source_weights", "1", "-1"], ["--source_weights", "expected a number >= 0"]),
     (["--source_weights", "0", "0"], ["--source_weights", "above 0"]),
+    (["--speed_perturb", "1"], ["--speed_perturb", "between 0.5 and 2, not 1", "'1'"]),
+    (["--speed_perturb", "0.9", "3"], ["--speed_perturb", "'3'"]),
     (["--tisv_frame_min", "300"], ["--tisv_frame_min"]),
     (["--nfft", "256"], ["--window", "--nfft 256"]),
     (["--no_such_flag"], ["unrecognized arguments: --no_such_flag"]),

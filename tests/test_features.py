@@ -1,6 +1,8 @@
 """Issue #5, features: the single-framing-pass log-mel and VAD equal the original librosa recipe
 (librosa.stft + mel + log10, and librosa.effects.split intervals), frame for frame."""
 
+import json
+
 import librosa
 import numpy as np
 import pytest
@@ -124,3 +126,47 @@ def test_phrase_waveform_of_real_recordings_equals_librosa_trim(shared_data):
         wav = data_preprocess.load_audio(file, CONFIG.sr)
         np.testing.assert_array_equal(data_preprocess.phrase_waveform(wav, config),
                                       reference_phrase_waveform(wav, config), err_msg=str(file))
+
+
+# --- speed perturbation (speaker augmentation) --------------------------------------------------
+
+@pytest.mark.parametrize("factor", [0.9, 1.1])
+def test_speed_perturb_scales_pitch_and_duration(factor):
+    sr, seconds, pitch = 16000, 2.0, 200.0
+    wav = np.sin(2 * np.pi * pitch * np.arange(int(seconds * sr)) / sr).astype(np.float32)
+    perturbed = data_preprocess.speed_perturb(wav, factor, sr)
+    assert abs(len(perturbed) - len(wav) / factor) <= 1
+    spectrum = np.abs(np.fft.rfft(perturbed * np.hanning(len(perturbed))))
+    peak_hz = np.argmax(spectrum) * sr / len(perturbed)
+    assert abs(peak_hz - pitch * factor) < 1.0
+
+
+def test_speed_perturb_adds_training_speakers_only(tmp_path):
+    from robust_corpus import write_speakers
+
+    audio = tmp_path / "audio"
+    write_speakers(audio, speakers=5, utterances=3)
+    out = tmp_path / "out"
+    flags = ["--audio_path", str(audio), "--train_path", str(out / "train"),
+             "--test_path", str(out / "test"), "--test_ratio", "0.2"]
+    assert data_preprocess.main(flags) == 0
+    plain = {split: json.loads((out / split / "manifest.json").read_text())["speakers"]
+             for split in ("train", "test")}
+    assert data_preprocess.main(flags + ["--speed_perturb", "0.9", "1.1"]) == 0
+    train = json.loads((out / "train" / "manifest.json").read_text())["speakers"]
+    test = json.loads((out / "test" / "manifest.json").read_text())["speakers"]
+    assert test == plain["test"]
+    assert sorted(train) == sorted(plain["train"] + [f"{s}_sp{f}" for s in plain["train"]
+                                                     for f in ("0.9", "1.1")])
+    speaker = plain["train"][0]
+    original = np.load(out / "train" / f"{speaker}.npy", allow_pickle=False)
+    for factor in (0.9, 1.1):
+        sidecar = json.loads((out / "train" / f"{speaker}_sp{factor}.json").read_text())
+        assert sidecar["settings"]["speed"] == factor
+        perturbed = np.load(out / "train" / f"{speaker}_sp{factor}.npy", allow_pickle=False)
+        # Slower speech has more voiced frames, faster speech fewer.
+        assert (len(perturbed) > len(original)) == (factor < 1)
+    # A re-run finds every copy finished and rewrites nothing.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("*.npy")}
+    assert data_preprocess.main(flags + ["--speed_perturb", "0.9", "1.1"]) == 0
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("*.npy")}
