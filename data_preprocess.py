@@ -575,8 +575,7 @@ def preprocess(config: argparse.Namespace) -> dict:
             manifest.update(shard=config.shard, num_shards=config.num_shards)
         utils.atomic_save_json(manifest_file, manifest)
         print(f"{split}{shard_text}: {len(usable[split])} of {copies * len(speakers)} speakers "
-              f"written to "
-              f"{out_dir}; skipped {skip_summary(manifest['skipped'])} of {n_files} files "
+              f"written to {out_dir}; skipped {skip_summary(manifest['skipped'])} of {n_files} files "
               f"(reasons in {manifest_file})")
         if sharded:
             manifest = _merge_if_complete(out_dir, config.num_shards)
