@@ -236,20 +236,19 @@ def frames_log_mel(framed: np.ndarray, config: argparse.Namespace,
     given): the original recipe (Hann window centred in nfft, |FFT|^2, mel, log10) in float32."""
     length = window_samples(config)
     offset = (config.nfft - length) // 2
-    # The FFT takes the window at the start of nfft instead of centred in it: a circular shift,
-    # which leaves the power spectrum unchanged. The buffer is zero-padded here because
-    # scipy's own padding (rfft(n=nfft)) costs more than the transform.
+    # The FFT zero-pads the window at the end instead of around it: a circular shift, which
+    # leaves the power spectrum unchanged.
     windowed = framed[..., offset:offset + length]
-    if keep is not None:
+    if keep is None:
+        windowed = windowed * hann_window(length)
+    else:
         windowed = windowed[keep]
-    padded = np.zeros((*windowed.shape[:-1], config.nfft), np.float32)
-    np.multiply(windowed, hann_window(length), out=padded[..., :length])
-    spectrum = scipy.fft.rfft(padded, axis=-1, overwrite_x=True)
+        windowed *= hann_window(length)
+    spectrum = scipy.fft.rfft(windowed, n=config.nfft, axis=-1)
     squares = spectrum.view(np.float32)
     np.square(squares, out=squares)
     mel = squares @ _interleaved_mel_basis(config.sr, config.nfft, config.n_mels)
-    np.add(mel, LOG_FLOOR, out=mel)
-    return np.log10(mel, out=mel)
+    return np.log10(mel + LOG_FLOOR, out=mel)
 
 
 def log_mel(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
