@@ -10,8 +10,9 @@ Measures whatever model.py / data_preprocess.py implement, through their public 
   5. wav -> utterance d-vector, times real time (the path of main.py --embed)
 and writes Results/benchmark_speed.json. The peer (pip install -r tests/benchmarks/requirements.txt)
 is optional: without torch its rows say "skipped". Every ratio compares runs made in this process,
-one after the other; the load average before and after is recorded because the machine may be shared
-(an oversubscribed CPU hurts the peer's OpenMP threads much more than TensorFlow's).
+called in turn (ours, peer, ours, ...) so that a slow spell of the machine hits both alike. The
+load average before and after is recorded because the machine may be shared (an oversubscribed
+CPU hurts the peer's OpenMP threads much more than TensorFlow's).
 """
 
 from __future__ import annotations
@@ -52,19 +53,22 @@ def load() -> list[float]:
         return []
 
 
-def median_ms(fn, steps: int, warmup: int, budget: float = 60.0) -> float:
-    """Median wall time (ms) of up to steps calls after warmup; stops early past budget seconds."""
+def interleaved_ms(fns: dict, steps: int, warmup: int, budget: float = 60.0) -> dict:
+    """Median wall time (ms) of each of fns, called in turn round by round, so that a slow spell
+    of a shared machine hits all of them alike; stops early past budget seconds."""
     for _ in range(warmup):
-        fn()
-    times: list[float] = []
+        for fn in fns.values():
+            fn()
+    times: dict = {name: [] for name in fns}
     deadline = time.perf_counter() + budget
-    for _ in range(steps):
-        if times and time.perf_counter() > deadline:
+    for round_ in range(steps):
+        if round_ and time.perf_counter() > deadline:
             break
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000.0 * statistics.median(t) for name, t in times.items()}
 
 
 def macs_per_frame(n_mels: int, hidden: int, proj: int, layers: int) -> int:
@@ -80,7 +84,7 @@ def numpy_peak_gflops(reps: int) -> float:
     a = rng.standard_normal((2048, 2048), dtype=np.float32)
     b = rng.standard_normal((2048, 2048), dtype=np.float32)
     a @ b
-    best = min(median_ms(lambda: a @ b, 1, 0) for _ in range(reps)) / 1000.0
+    best = min(interleaved_ms({"gemm": lambda: a @ b}, 1, 0)["gemm"] for _ in range(reps)) / 1000.0
     return 2 * 2048 ** 3 / best / 1e9
 
 
@@ -146,8 +150,12 @@ def bench_training(config_args, torch, quick: bool, peak: float, rows: list, res
         optimizer = model.build_optimizer(config)
         step = model.make_train_step(encoder, scale, optimizer, config)
         features = tf.constant(x)
-        ms = median_ms(lambda s=step, f=features: float(s(f)[0]), steps, warmup=1 if quick else 2,
-                       budget=20 if quick else 120)
+        fns = {"ours": lambda s=step, f=features: float(s(f)[0])}
+        if torch is not None:
+            fns["peer"] = peer_train_step(torch, config, n, m, x)
+        timed = interleaved_ms(fns, steps, warmup=1 if quick else 2,
+                               budget=40 if quick else 240)
+        ms = timed["ours"]
         flops = 3 * 2 * macs_per_frame(config.n_mels, config.hidden, config.proj,
                                        config.num_layer) * n * m * T
         entry = {"N": n, "M": m, "T": T, "ours_ms_per_step": round(ms, 1),
@@ -155,9 +163,7 @@ def bench_training(config_args, torch, quick: bool, peak: float, rows: list, res
                  "ours_gflops": round(flops / ms / 1e6, 1),
                  "fraction_of_numpy_peak": round(flops / ms / 1e6 / peak, 3)}
         if torch is not None:
-            peer = peer_train_step(torch, config, n, m, x)
-            peer_ms = median_ms(peer, steps, warmup=1 if quick else 2,
-                                budget=20 if quick else 120)
+            peer_ms = timed["peer"]
             entry.update(peer_ms_per_step=round(peer_ms, 1),
                          peer_utterances_per_s=round(n * m / peer_ms * 1000, 1),
                          speedup_vs_peer=round(peer_ms / ms, 2))
@@ -178,11 +184,15 @@ def bench_embedding(config_args, torch, quick: bool, rows: list, result: dict):
     result["embedding"] = []
     for batch, steps in ((1, 20 if quick else 100), (256, 3 if quick else 10)):
         x = np.random.default_rng(1).standard_normal((batch, T, config.n_mels)).astype(np.float32)
-        ms = median_ms(lambda x=x: np.asarray(embed(x)), steps, warmup=3)
+        fns = {"ours": lambda x=x: np.asarray(embed(x))}
+        if peer is not None:
+            fns["peer"] = lambda x=x: peer(x)
+        timed = interleaved_ms(fns, steps, warmup=3)
+        ms = timed["ours"]
         entry = {"batch": batch, "T": T, "ours_ms_per_call": round(ms, 2),
                  "ours_dvectors_per_s": round(batch / ms * 1000, 1)}
         if peer is not None:
-            peer_ms = median_ms(lambda x=x: peer(x), steps, warmup=3)
+            peer_ms = timed["peer"]
             entry.update(peer_ms_per_call=round(peer_ms, 2),
                          peer_dvectors_per_s=round(batch / peer_ms * 1000, 1),
                          speedup_vs_peer=round(peer_ms / ms, 2))
@@ -231,17 +241,12 @@ def bench_features(config_args, files: list[Path], rows: list, result: dict):
             pass
 
     hours = sum(sf.info(str(f)).duration for f in files) / 3600.0
-    timings = {}
-    for name, run in (("recipe", one_blas_thread(lambda: [recipe(f) for f in files])),
-                      ("ours", one_blas_thread(lambda: [project(f) for f in files])),
-                      ("ours_threads", lambda: data_preprocess.files_inference_features(
-                          files, config))):
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        timings[name] = statistics.median(times) / hours
+    timed = interleaved_ms({
+        "recipe": one_blas_thread(lambda: [recipe(f) for f in files]),
+        "ours": one_blas_thread(lambda: [project(f) for f in files]),
+        "ours_threads": lambda: data_preprocess.files_inference_features(files, config)},
+        steps=5, warmup=0, budget=240)
+    timings = {name: ms / 1000.0 / hours for name, ms in timed.items()}
     result["features"] = {
         "files": len(files), "audio_seconds": round(hours * 3600, 1),
         "ours_s_per_audio_hour": round(timings["ours"], 2),
