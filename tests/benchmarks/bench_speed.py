@@ -53,21 +53,24 @@ def load() -> list[float]:
         return []
 
 
-def interleaved_ms(fns: dict, steps: int, warmup: int, budget: float = 60.0) -> dict:
-    """Median wall time (ms) of each of fns, called in turn round by round, so that a slow spell
-    of a shared machine hits all of them alike; stops early past budget seconds."""
+def interleaved_ms(fns: dict, steps: int, warmup: int, budget: float = 60.0,
+                   block: int = 1) -> dict:
+    """Median wall time (ms) of `steps` calls of each of fns, taken in turn `block` calls at a
+    time, so that a slow spell of a shared machine hits all of them alike (a block of several
+    short calls keeps each warm in the caches); stops early past budget seconds."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict = {name: [] for name in fns}
     deadline = time.perf_counter() + budget
-    for round_ in range(steps):
+    for round_ in range(0, steps, block):
         if round_ and time.perf_counter() > deadline:
             break
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
     return {name: 1000.0 * statistics.median(t) for name, t in times.items()}
 
 
@@ -187,7 +190,7 @@ def bench_embedding(config_args, torch, quick: bool, rows: list, result: dict):
         fns = {"ours": lambda x=x: np.asarray(embed(x))}
         if peer is not None:
             fns["peer"] = lambda x=x: peer(x)
-        timed = interleaved_ms(fns, steps, warmup=3)
+        timed = interleaved_ms(fns, steps, warmup=3, block=10 if batch == 1 else 1)
         ms = timed["ours"]
         entry = {"batch": batch, "T": T, "ours_ms_per_call": round(ms, 2),
                  "ours_dvectors_per_s": round(batch / ms * 1000, 1)}
