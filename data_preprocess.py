@@ -370,7 +370,9 @@ def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], ou
                           else voiced_features(wav, config))
             kept.append(relative)
         except AudioError as error:
-            skipped.append({"path": relative, "kind": error.kind, "reason": str(error)})
+            # Each speed copy of a bad file is its own entry: one per file written (or not).
+            skipped.append({"path": relative, "kind": error.kind, "reason": str(error),
+                            **({"speed": speed} if speed != 1.0 else {})})
     usable = len(kept) >= config.min_utterances
     if not usable:
         skipped.append({"path": speaker, "kind": SPEAKER_SKIPPED,

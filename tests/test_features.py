@@ -170,3 +170,22 @@ def test_speed_perturb_adds_training_speakers_only(tmp_path):
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("*.npy")}
     assert data_preprocess.main(flags + ["--speed_perturb", "0.9", "1.1"]) == 0
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("*.npy")}
+
+
+def test_speed_perturb_lists_a_bad_file_once_per_copy(tmp_path):
+    from robust_corpus import write_speakers
+
+    audio = tmp_path / "audio"
+    write_speakers(audio, speakers=4, utterances=3)
+    out = tmp_path / "out"
+    flags = ["--audio_path", str(audio), "--train_path", str(out / "train"), "--test_path",
+             str(out / "test"), "--test_ratio", "0.25", "--min_utterances", "2"]
+    train_speakers, _ = data_preprocess.split_speakers(
+        sorted(p.name for p in audio.iterdir()), 0.25, configuration.parse_config(flags).seed)
+    bad = sorted((audio / train_speakers[0]).rglob("*.wav"))[0]
+    bad.write_bytes(b"not audio")
+    assert data_preprocess.main(flags + ["--speed_perturb", "0.9", "1.1"]) == 0
+    manifest = json.loads((out / "train" / "manifest.json").read_text())
+    entries = [e for e in manifest["skipped"] if e["path"] == str(bad.relative_to(audio))]
+    assert sorted(e.get("speed", 1.0) for e in entries) == [0.9, 1.0, 1.1]
+    assert all(e["kind"] == "unreadable" for e in entries)
