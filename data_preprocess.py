@@ -70,18 +70,22 @@ def find_utterances(root: str | Path) -> dict[str, list[str]]:
         raise FileNotFoundError(f"--audio_path {root}: not a folder")
     tree: dict[str, list[str]] = {}
     seen = set()
+    # Plain strings, not Path objects: at VoxCeleb2's million files pathlib costs a minute.
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:  # a link loop, or two links to one folder
             subfolders.clear()
             continue
         seen.add(real)
-        relative = Path(folder).relative_to(root)
-        if not relative.parts:
+        relative = os.path.relpath(folder, root)
+        if relative == os.curdir:
             continue
+        speaker = relative.split(os.sep, 1)[0]
+        prefix = relative.replace(os.sep, "/") + "/"
         for name in names:
-            if Path(name).suffix.lower() in AUDIO_EXTENSIONS and (Path(folder) / name).is_file():
-                tree.setdefault(relative.parts[0], []).append((relative / name).as_posix())
+            if (os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS
+                    and os.path.isfile(os.path.join(folder, name))):
+                tree.setdefault(speaker, []).append(prefix + name)
     if not tree:
         raise FileNotFoundError(f"--audio_path {root}: no <speaker>/**/*.wav or *.flac files")
     return {speaker: sorted(paths) for speaker, paths in sorted(tree.items())}
@@ -346,8 +350,13 @@ def _speaker_job(job: tuple) -> tuple[str, str, bool, list[dict]]:
     """Process one speaker (at one speed) into out_dir, skipped if already complete. Returns
     (split, speaker name written, usable, skipped files)."""
     split, root, speaker, speed, paths, out_dir, config = job
-    with threadpool_limits(limits=1, user_api="blas"):
-        return (split, *_process_speaker(root, speaker, speed, paths, Path(out_dir), config))
+    return (split, *_process_speaker(root, speaker, speed, paths, Path(out_dir), config))
+
+
+def _one_blas_thread() -> None:
+    """Worker start-up: BLAS threads only slow the small mel matmuls down and spin against the
+    other workers. Set once per process: each threadpool_limits call scans the loaded libraries."""
+    threadpool_limits(limits=1, user_api="blas")
 
 
 def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], out_dir: Path,
@@ -550,8 +559,9 @@ def preprocess(config: argparse.Namespace) -> dict:
     usable = {split: [] for split in splits}
     skipped = {split: [] for split in splits}
     # One pool for both splits: starting worker processes costs about a second each time.
-    with _worker_context().Pool(config.workers) if config.workers > 1 \
-            else _Serial() as pool:
+    pool = (_worker_context().Pool(config.workers, initializer=_one_blas_thread)
+            if config.workers > 1 else _Serial())
+    with pool, threadpool_limits(limits=1, user_api="blas"):
         for split, speaker, ok, bad in tqdm(pool.imap_unordered(_speaker_job, jobs),
                                             total=len(jobs), desc="preprocess", unit="speaker",
                                             dynamic_ncols=True):
