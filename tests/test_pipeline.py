@@ -140,3 +140,17 @@ def test_symlinked_speaker_folders_are_followed_once(tmp_path):
     tree = data_preprocess.find_utterances(subset)
     assert tree == {"spk00": ["spk00/utt00.wav", "spk00/utt01.wav"],
                     "spk02": ["spk02/utt00.wav", "spk02/utt01.wav"]}
+
+
+def test_find_utterances_reads_nested_corpus_layouts(tmp_path):
+    """VCTK, LibriSpeech and VoxCeleb nest utterances under the speaker; only audio files count."""
+    for relative in ("p225/p225_001.wav", "19/198/19-198-0001.FLAC", "19/198/19-198.trans.txt",
+                     "id001/vid_a/00001.wav", "id001/vid_b/00001.wav", "notes.wav",
+                     "id001/folder.wav/inner.flac"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"")
+    (tmp_path / "empty_speaker").mkdir()
+    assert data_preprocess.find_utterances(tmp_path) == {
+        "19": ["19/198/19-198-0001.FLAC"],
+        "id001": ["id001/folder.wav/inner.flac", "id001/vid_a/00001.wav", "id001/vid_b/00001.wav"],
+        "p225": ["p225/p225_001.wav"]}
