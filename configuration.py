@@ -11,8 +11,8 @@ from pathlib import Path
 
 # Flags that fix the shape of the network or of its input features; a trained model is always
 # evaluated with the values it was trained with.
-SHAPE_KEYS = ("tdsv", "sr", "nfft", "window", "hop", "n_mels", "tdsv_frame", "hidden", "proj",
-              "num_layer")
+FEATURE_KEYS = ("tdsv", "sr", "nfft", "window", "hop", "n_mels", "tdsv_frame")
+SHAPE_KEYS = FEATURE_KEYS + ("hidden", "proj", "num_layer")
 # Flags that fix the optimizer state, learning-rate schedule and batches; `--train True --restore
 # True` takes them from the saved config so a resumed run continues the interrupted one exactly.
 RESUME_KEYS = ("optim", "lr", "lr_decay_every", "beta1", "beta2", "clip_norm", "loss", "N", "M",
@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="checkpoints, config.json and TensorBoard logs")
     model.add_argument("--model_num", type=_non_negative_int, default=0,
                        help="test: checkpoint step to load (0 = latest)")
+    model.add_argument("--ensemble", type=str, default="",
+                       help="comma-separated further trained models (e.g. other seeds): test, "
+                            "enroll, verify, identify and embed average their cosine scores "
+                            "with --model_path's (each at its latest checkpoint)")
 
     training = parser.add_argument_group("training")
     training.add_argument("--train", type=str2bool, default=True,

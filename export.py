@@ -90,5 +90,5 @@ def export(config: argparse.Namespace) -> Path:
     archive.add_endpoint("serving_default", module.serve)
     archive.write_out(str(out), verbose=False)
     print(f"SavedModel -> {out} (signature serving_default: waveform float32 [samples] at "
-          f"{config.sr} Hz -> d_vector [{config.proj}])")
+          f"{config.sr} Hz -> d_vector [{encoder(tf.zeros((1, 2, config.n_mels))).shape[-1]}])")
     return out

@@ -362,9 +362,25 @@ def _train_loop(config, store, strategy, chief, encoder, scale, optimizer, manag
     return {"steps": step, "final_loss": running, "seconds": seconds, "losses": losses}
 
 
-def load_trained(config: argparse.Namespace) -> tuple[argparse.Namespace, SpeakerEncoder]:
-    """Config merged with the model's saved one, and the encoder restored from its checkpoint."""
-    model_path = Path(config.model_path)
+class Ensemble(keras.Model):
+    """Several encoders as one: their d-vectors concatenated and scaled by 1/sqrt(K), so the
+    cosine of two ensemble d-vectors is the mean of the members' cosines."""
+
+    def __init__(self, members: list[SpeakerEncoder], **kwargs):
+        super().__init__(**kwargs)
+        self.members = members
+        self.supports_masking = True
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def call(self, features, mask=None):
+        scale = 1.0 / math.sqrt(len(self.members))
+        return tf.concat([member(features, mask=mask) for member in self.members], -1) * scale
+
+
+def _load_encoder(config: argparse.Namespace, model_path: Path, model_num: int
+                  ) -> tuple[argparse.Namespace, SpeakerEncoder]:
     if not (model_path / "config.json").exists():
         raise ValueError(f"{model_path}: no config.json; train a model there first "
                          f"(python main.py --train True --model_path {model_path})")
@@ -372,16 +388,45 @@ def load_trained(config: argparse.Namespace) -> tuple[argparse.Namespace, Speake
         config, configuration.load_config(model_path / "config.json"))
     encoder, scale = build_model(config)
     checkpoint_dir = model_path / "checkpoints"
-    if config.model_num:
-        path = str(checkpoint_dir / f"ckpt-{config.model_num}")
+    if model_num:
+        path = str(checkpoint_dir / f"ckpt-{model_num}")
         if not Path(path + ".index").exists():
-            raise ValueError(f"--model_num {config.model_num}: no checkpoint {path}")
+            raise ValueError(f"--model_num {model_num}: no checkpoint {path}")
     else:
         path = tf.train.latest_checkpoint(checkpoint_dir)
         if path is None:
             raise ValueError(f"{checkpoint_dir}: no checkpoint found")
     _restore(_checkpoint(encoder, scale), path, partial=True)
     return config, encoder
+
+
+def model_paths(config: argparse.Namespace) -> list[str]:
+    """--model_path and the --ensemble members, resolved: what an evaluation was made with."""
+    paths = [config.model_path] + (config.ensemble.split(",") if config.ensemble else [])
+    return [str(Path(path).resolve()) for path in paths]
+
+
+def load_trained(config: argparse.Namespace
+                 ) -> tuple[argparse.Namespace, SpeakerEncoder | Ensemble]:
+    """Config merged with the model's saved one, and the encoder restored from its checkpoint
+    (an Ensemble with the --ensemble models, which must share its feature settings)."""
+    config, encoder = _load_encoder(config, Path(config.model_path), config.model_num)
+    if not config.ensemble:
+        return config, encoder
+    members = [encoder]
+    for path in config.ensemble.split(","):
+        # Members may differ in shape (hidden, proj, layers), never in the features they read.
+        member_config = argparse.Namespace(**vars(config))
+        for key in configuration.SHAPE_KEYS[len(configuration.FEATURE_KEYS):]:
+            setattr(member_config, key, None)
+        member_config.explicit = []
+        member_config, member = _load_encoder(member_config, Path(path), 0)
+        for key in configuration.FEATURE_KEYS:
+            if getattr(member_config, key) != getattr(config, key):
+                raise ValueError(f"--ensemble {path}: its {key}={getattr(member_config, key)} "
+                                 f"differs from --model_path's {key}={getattr(config, key)}")
+        members.append(member)
+    return config, Ensemble(members)
 
 
 EMBED_BUCKETS = (1, 16, 256)  # batch sizes the XLA embedder is compiled for

@@ -111,7 +111,13 @@ def default_threshold(config: argparse.Namespace) -> float:
     if not evaluation.exists():
         raise ValueError(f"no --threshold given and {evaluation} does not exist; run "
                          f"python main.py --train False first or pass --threshold")
-    return float(json.loads(evaluation.read_text())["threshold"])
+    saved = json.loads(evaluation.read_text())
+    evaluated = saved.get("models", [str(Path(config.model_path).resolve())])
+    if evaluated != model.model_paths(config):
+        raise ValueError(f"{evaluation} holds the threshold of {' + '.join(evaluated)}, not of "
+                         f"this --model_path/--ensemble; run python main.py --train False with "
+                         f"them first or pass --threshold")
+    return float(saved["threshold"])
 
 
 def verify(config: argparse.Namespace) -> tuple[float, bool]:

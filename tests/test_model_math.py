@@ -139,6 +139,24 @@ def test_encoder_matches_numpy_lstmp():
     assert np.max(np.abs(_numpy_lstmp_encoder(features, no_forget_bias) - got)) > 1e-3
 
 
+def test_ensemble_cosine_is_the_mean_of_member_cosines():
+    rng = np.random.default_rng(4)
+    members = [model.SpeakerEncoder(hidden=8, proj=5, num_layer=2),
+               model.SpeakerEncoder(hidden=6, proj=3, num_layer=3)]
+    a, b = (rng.normal(0.0, 1.0, (4, 7, 4)).astype(np.float32) for _ in range(2))
+    for member in members:
+        member(a)
+        _randomise_encoder(member, rng)
+    ensemble = model.Ensemble(members)
+    got_a, got_b = ensemble(a).numpy(), ensemble(b).numpy()
+    assert got_a.shape == (4, 5 + 3)
+    np.testing.assert_allclose(np.linalg.norm(got_a, axis=1), 1.0, atol=1e-6)
+    member_cosines = [np.sum(m(a).numpy() * m(b).numpy(), axis=1) for m in members]
+    np.testing.assert_allclose(np.sum(got_a * got_b, axis=1), np.mean(member_cosines, axis=0),
+                               atol=1e-6)
+    assert np.max(np.abs(member_cosines[0] - member_cosines[1])) > 1e-2  # members disagree
+
+
 def test_gradients_reach_every_trainable_variable():
     rng = np.random.default_rng(2)
     n, m = 3, 2

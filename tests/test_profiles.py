@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,38 @@ def test_enroll_replace_extend_and_errors(tiny_tisv, capsys):
     assert main.main(tiny_tisv + ["--verify", "alice", "--threshold", "0.5", "--audio",
                                   files[1]]) == 2
     assert "enrolled with another model" in capsys.readouterr().err
+
+
+def test_ensemble_test_verify_and_mismatched_member(tiny_tisv, tmp_path, capsys):
+    """--ensemble: evaluated and thresholded as one model; a member reading other features is
+    refused by name."""
+    primary, member = tmp_path / "primary", tmp_path / "member"
+    shutil.copytree(_flag(tiny_tisv, "--model_path"), primary)
+    member_flags = tiny_tisv + ["--model_path", str(member), "--seed", "1"]
+    model.train(configuration.parse_config(member_flags + ["--iteration", "10"]))
+    flags = tiny_tisv + ["--model_path", str(primary), "--results_path", str(tmp_path / "r")]
+    assert main.main(flags + ["--train", "False", "--ensemble", str(member)]) == 0
+    evaluation = json.loads((primary / "evaluation.json").read_text())
+    assert evaluation["models"] == [str(primary.resolve()), str(member.resolve())]
+
+    root = Path(_flag(tiny_tisv, "--synthetic_path"))
+    audio = ["--audio", str(root / "spk00" / "free_00.wav")]
+    assert main.main(flags + ["--enroll", "alice", "--ensemble", str(member), *audio]) == 0
+    capsys.readouterr()
+    assert main.main(flags + ["--verify", "alice", "--ensemble", str(member), *audio]) == 0
+    assert "ACCEPT" in capsys.readouterr().out  # its own enrollment file, the ensemble threshold
+    # The primary alone is another model: its profile fingerprint and threshold do not apply.
+    assert main.main(flags + ["--verify", "alice", *audio]) == 2
+    assert "enrolled with another model" in capsys.readouterr().err
+    assert main.main(flags + ["--enroll", "bob", *audio]) == 0
+    assert main.main(flags + ["--verify", "bob", *audio]) == 2
+    assert "holds the threshold of" in capsys.readouterr().err
+
+    saved = json.loads((member / "config.json").read_text())
+    saved["hop"] = 0.02
+    (member / "config.json").write_text(json.dumps(saved))
+    assert main.main(flags + ["--train", "False", "--ensemble", str(member)]) == 2
+    assert f"--ensemble {member}: its hop=0.02 differs" in capsys.readouterr().err
 
 
 def test_embed_folder_writes_safe_npz_and_skips_bad_files(tiny_tisv, tmp_path, capsys):
