@@ -78,6 +78,8 @@ class DVectorModule(tf.Module):
 
 def export(config: argparse.Namespace) -> Path:
     """Write the SavedModel to --export and check it against the in-process embedding."""
+    if config.ensemble:
+        raise ValueError("--export takes one model; drop --ensemble")
     config, encoder = model.load_trained(config)
     if config.tdsv:
         raise ValueError("--export supports TI-SV models (a TD-SV model needs the phrase "
@@ -90,5 +92,5 @@ def export(config: argparse.Namespace) -> Path:
     archive.add_endpoint("serving_default", module.serve)
     archive.write_out(str(out), verbose=False)
     print(f"SavedModel -> {out} (signature serving_default: waveform float32 [samples] at "
-          f"{config.sr} Hz -> d_vector [{encoder(tf.zeros((1, 2, config.n_mels))).shape[-1]}])")
+          f"{config.sr} Hz -> d_vector [{config.proj}])")
     return out
