@@ -12,7 +12,8 @@ from pathlib import Path
 # Flags that fix the shape of the network or of its input features; a trained model is always
 # evaluated with the values it was trained with.
 FEATURE_KEYS = ("tdsv", "sr", "nfft", "window", "hop", "n_mels", "tdsv_frame")
-SHAPE_KEYS = FEATURE_KEYS + ("hidden", "proj", "num_layer")
+NETWORK_KEYS = ("hidden", "proj", "num_layer")
+SHAPE_KEYS = FEATURE_KEYS + NETWORK_KEYS
 # Flags that fix the optimizer state, learning-rate schedule and batches; `--train True --restore
 # True` takes them from the saved config so a resumed run continues the interrupted one exactly.
 RESUME_KEYS = ("optim", "lr", "lr_decay_every", "beta1", "beta2", "clip_norm", "loss", "N", "M",

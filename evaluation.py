@@ -129,7 +129,8 @@ def test(config: argparse.Namespace) -> dict:
     embed = model.make_embedder(encoder, config.n_mels, config.window_frames)
     mode = "TD-SV" if config.tdsv else "TI-SV"
     model_path, results = Path(config.model_path), Path(config.results_path)
-    summary: dict = {"mode": mode, "models": model.model_paths(config)}
+    summary: dict = {"mode": mode, "models": model.model_paths(config),
+                     "model": model.model_fingerprint(encoder)}
 
     if config.trials:
         trials = utils.parse_trials(config.trials)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import shutil
 import tempfile
@@ -400,6 +401,14 @@ def _load_encoder(config: argparse.Namespace, model_path: Path, model_num: int
     return config, encoder
 
 
+def model_fingerprint(encoder: SpeakerEncoder | Ensemble) -> str:
+    """sha256 of the encoder's weights: scores are only comparable under the same weights."""
+    digest = hashlib.sha256()
+    for weight in encoder.get_weights():
+        digest.update(np.ascontiguousarray(weight, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def model_paths(config: argparse.Namespace) -> list[str]:
     """--model_path and the --ensemble members, resolved: what an evaluation was made with."""
     paths = [config.model_path] + (config.ensemble.split(",") if config.ensemble else [])
@@ -417,7 +426,7 @@ def load_trained(config: argparse.Namespace
     for path in config.ensemble.split(","):
         # Members may differ in shape (hidden, proj, layers), never in the features they read.
         member_config = argparse.Namespace(**vars(config))
-        for key in configuration.SHAPE_KEYS[len(configuration.FEATURE_KEYS):]:
+        for key in configuration.NETWORK_KEYS:
             setattr(member_config, key, None)
         member_config.explicit = []
         member_config, member = _load_encoder(member_config, Path(path), 0)

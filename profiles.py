@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import time
@@ -16,14 +15,6 @@ import model
 import utils
 
 PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def model_fingerprint(encoder: model.SpeakerEncoder) -> str:
-    """sha256 of the encoder's weights: profiles are only comparable under the same weights."""
-    digest = hashlib.sha256()
-    for weight in encoder.get_weights():
-        digest.update(np.ascontiguousarray(weight, dtype=np.float32).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def files_features(paths: list[str | Path], config: argparse.Namespace
@@ -80,7 +71,7 @@ def load_profile(config: argparse.Namespace, name: str, fingerprint: str
 def enroll(config: argparse.Namespace) -> dict:
     """Embed --audio files and store (or extend with --extend True) the speaker's profile."""
     config, encoder = model.load_trained(config)
-    fingerprint = model_fingerprint(encoder)
+    fingerprint = model.model_fingerprint(encoder)
     name = config.enroll
     vectors_path, meta_path = _profile_paths(config, name)
     vectors = embed_paths(model.make_embedder(encoder, config.n_mels), config.audio, config)
@@ -103,8 +94,8 @@ def enroll(config: argparse.Namespace) -> dict:
     return meta
 
 
-def default_threshold(config: argparse.Namespace) -> float:
-    """--threshold, else the EER threshold of the model's last evaluation."""
+def default_threshold(config: argparse.Namespace, fingerprint: str) -> float:
+    """--threshold, else the EER threshold of the last evaluation of these weights."""
     if config.threshold is not None:
         return config.threshold
     evaluation = Path(config.model_path) / "evaluation.json"
@@ -112,9 +103,10 @@ def default_threshold(config: argparse.Namespace) -> float:
         raise ValueError(f"no --threshold given and {evaluation} does not exist; run "
                          f"python main.py --train False first or pass --threshold")
     saved = json.loads(evaluation.read_text())
-    evaluated = saved.get("models", [str(Path(config.model_path).resolve())])
-    if evaluated != model.model_paths(config):
-        raise ValueError(f"{evaluation} holds the threshold of {' + '.join(evaluated)}, not of "
+    # Evaluations written before the fingerprint was recorded are of --model_path alone.
+    if saved.get("model", None if config.ensemble else fingerprint) != fingerprint:
+        raise ValueError(f"{evaluation} holds the threshold of other weights "
+                         f"({' + '.join(saved.get('models', [config.model_path]))}), not of "
                          f"this --model_path/--ensemble; run python main.py --train False with "
                          f"them first or pass --threshold")
     return float(saved["threshold"])
@@ -123,8 +115,9 @@ def default_threshold(config: argparse.Namespace) -> float:
 def verify(config: argparse.Namespace) -> tuple[float, bool]:
     """Cosine score of --audio against a profile, and the ACCEPT/REJECT decision."""
     config, encoder = model.load_trained(config)
-    vectors, _ = load_profile(config, config.verify, model_fingerprint(encoder))
-    threshold = default_threshold(config)
+    fingerprint = model.model_fingerprint(encoder)
+    vectors, _ = load_profile(config, config.verify, fingerprint)
+    threshold = default_threshold(config, fingerprint)
     probe = embed_paths(model.make_embedder(encoder, config.n_mels), config.audio, config)[0]
     score = float(probe @ utils.speaker_model(vectors))
     accepted = score >= threshold
@@ -136,7 +129,7 @@ def verify(config: argparse.Namespace) -> tuple[float, bool]:
 def identify(config: argparse.Namespace) -> list[tuple[str, float]]:
     """Rank every enrolled profile of this model by cosine score against --audio."""
     config, encoder = model.load_trained(config)
-    fingerprint = model_fingerprint(encoder)
+    fingerprint = model.model_fingerprint(encoder)
     folder = Path(config.model_path) / "profiles"
     names = sorted(p.stem for p in folder.glob("*.json"))
     if not names:
