@@ -79,6 +79,9 @@ def profile_step(n: int, m: int, steps: int, scratch: Path) -> tuple[float, Coun
     ms = (time.perf_counter() - started) / steps * 1000
     perf.send_signal(signal.SIGINT)
     perf.wait()
+    if not data.exists():
+        raise SystemExit(f"profile_training.py: perf record wrote nothing (exit {perf.returncode});"
+                         " is sampling allowed? see /proc/sys/kernel/perf_event_paranoid")
     report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort",
                              "dso,sym", "--stdio", "--percent-limit", "0"],
                             capture_output=True, text=True, check=True).stdout
