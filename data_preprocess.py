@@ -13,10 +13,12 @@ import functools
 import glob
 import multiprocessing
 import os
+import queue
 import re
 import struct
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -353,6 +355,65 @@ def _speaker_job(job: tuple) -> tuple[str, str, bool, list[dict]]:
     return (split, *_process_speaker(root, speaker, speed, paths, Path(out_dir), config))
 
 
+def run_jobs(jobs: list[tuple], workers: int) -> Iterator[tuple]:
+    """_speaker_job of each job, in the order they finish: in this process with --workers 1,
+    else in `workers` processes (one start for both splits: a start costs up to a second)."""
+    if workers == 1:
+        yield from map(_speaker_job, jobs)
+        return
+    context = _worker_context()
+    next_job = context.Value("i", 0)
+    results = context.Queue()
+    processes = [context.Process(target=_worker, args=(jobs, next_job, results, os.getpid()),
+                                 daemon=True) for _ in range(workers)]
+    for process in processes:
+        process.start()
+    finished = False
+    try:
+        for _ in jobs:
+            result = _next_result(results, processes)
+            if isinstance(result, BaseException):
+                raise result
+            yield result
+        finished = True
+    finally:
+        for process in processes:
+            if not finished:  # an error, or the caller stopped early: its files stay atomic
+                process.terminate()
+            process.join()
+
+
+def _worker(jobs: list[tuple], next_job, results, parent: int) -> None:
+    """One --workers process: takes the next job from the shared counter until none is left,
+    or the parent is gone (killed). No task queue: the parent only collects results, so it
+    takes no CPU from the workers."""
+    _one_blas_thread()
+    while os.getppid() == parent:
+        with next_job.get_lock():
+            index = next_job.value
+            next_job.value += 1
+        if index >= len(jobs):
+            return
+        try:
+            results.put(_speaker_job(jobs[index]))
+        except Exception as error:  # re-raised by the parent, as multiprocessing.Pool does
+            results.put(error)
+            return
+
+
+def _next_result(results, processes: list) -> tuple | BaseException:
+    """The next result from the workers; an error if one of them died without giving one."""
+    while True:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+            if dead or not any(p.is_alive() for p in processes):
+                raise RuntimeError(f"a --workers process exited with code {dead[0] if dead else 0}"
+                                   " before its speaker was written; re-run to resume (finished "
+                                   "speakers are kept)") from None
+
+
 def _one_blas_thread() -> None:
     """Worker start-up: BLAS threads only slow the small mel matmuls down and spin against the
     other workers. Set once per process: each threadpool_limits call scans the loaded libraries."""
@@ -558,12 +619,9 @@ def preprocess(config: argparse.Namespace) -> dict:
     jobs.sort(key=lambda job: -_audio_bytes(root, job[4]))
     usable = {split: [] for split in splits}
     skipped = {split: [] for split in splits}
-    # One pool for both splits: starting worker processes costs about a second each time.
-    pool = (_worker_context().Pool(config.workers, initializer=_one_blas_thread)
-            if config.workers > 1 else _Serial())
-    with pool, threadpool_limits(limits=1, user_api="blas"):
-        for split, speaker, ok, bad in tqdm(pool.imap_unordered(_speaker_job, jobs),
-                                            total=len(jobs), desc="preprocess", unit="speaker",
+    with threadpool_limits(limits=1, user_api="blas"):
+        for split, speaker, ok, bad in tqdm(run_jobs(jobs, config.workers), total=len(jobs),
+                                            desc="preprocess", unit="speaker",
                                             dynamic_ncols=True):
             if ok:
                 usable[split].append(speaker)
@@ -620,20 +678,6 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     if sys.platform == "linux" and "tensorflow" not in sys.modules:
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
-
-
-class _Serial:
-    """Stand-in for multiprocessing.Pool when --workers 1: same interface, no processes."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    @staticmethod
-    def imap_unordered(function, jobs):
-        return map(function, jobs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,54 @@ def test_kill_9_during_preprocessing_then_rerun(tmp_path):
         assert snapshot(out / split) == snapshot(reference / split), split
 
 
+# A fresh interpreter without TensorFlow, so the --workers processes fork and run this job.
+WORKERS_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+import data_preprocess
+
+def job(number):
+    if number == int(sys.argv[2]):
+        os._exit(7)
+    if number == int(sys.argv[3]):
+        raise ValueError(f"job {number} is bad")
+    Path(sys.argv[1], str(number)).touch()
+    time.sleep(float(sys.argv[4]))
+    return number
+
+data_preprocess._speaker_job = job
+try:
+    print(sorted(data_preprocess.run_jobs(list(range(40)), 2)))
+except Exception as error:
+    print(type(error).__name__, error)
+"""
+
+
+def run_workers_script(tmp_path: Path, exit_at: int = -1, raise_at: int = -1,
+                       seconds: float = 0.0) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WORKERS_SCRIPT, str(tmp_path), str(exit_at),
+                             str(raise_at), str(seconds)], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+
+
+def test_workers_do_each_job_once_and_report_errors(tmp_path):
+    outcomes = []
+    for exit_at, raise_at in ((-1, -1), (-1, 25), (25, -1)):
+        process = run_workers_script(tmp_path, exit_at, raise_at)
+        outcomes.append(process.communicate(timeout=60)[0].strip())
+    assert outcomes[0] == str(list(range(40)))
+    assert outcomes[1] == "ValueError job 25 is bad"
+    assert outcomes[2].startswith("RuntimeError a --workers process exited with code 7")
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path):
+    process = run_workers_script(tmp_path, seconds=0.2)
+    kill_when(process, lambda: len(list(tmp_path.iterdir())) >= 4)
+    started = len(list(tmp_path.iterdir()))
+    time.sleep(1.5)  # time for 14 more jobs if the workers went on
+    assert len(list(tmp_path.iterdir())) <= started + 2  # each finishes the job it was on
+
+
 def checkpoint_values(path: str) -> dict[str, np.ndarray]:
     reader = tf.train.load_checkpoint(path)
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
