@@ -141,6 +141,8 @@ def bench_preprocessing(scratch: Path, audio: Path, speakers: int, repeats: int)
         result[f"workers_{workers}_seconds"] = round(float(np.median(times)), 2)
         result[f"workers_{workers}_all_seconds"] = [round(t, 2) for t in times]
     result["speedup"] = round(result["workers_1_seconds"] / result["workers_2_seconds"], 2)
+    # each round's own ratio too: a slow spell that hits one round shows as one low pair
+    result["paired_speedups"] = [round(one / two, 2) for one, two in zip(*seconds.values())]
     return result
 
 
@@ -238,6 +240,9 @@ def main(argv=None) -> int:
         print(f"{'preprocessing --workers 1 / 2 (s), ' + str(prep['files']) + ' files':62s} "
               f"{prep['workers_1_seconds']:>6g} / {prep['workers_2_seconds']:<6g}")
         print(f"{'  speed-up':62s} {prep['speedup']:>13g}x   >= 1.7x")
+        pairs = prep["paired_speedups"]
+        print(f"{'  speed-up of each alternated round, lowest / highest':62s} "
+              f"{min(pairs):>6g} / {max(pairs):<6g}")
         ceiling = result["two_process_ceiling"]["ceiling"]
         print(f"{'  ceiling: 2 processes of the per-file work vs 1 (no start-up)':62s} "
               f"{ceiling:>13g}x")
