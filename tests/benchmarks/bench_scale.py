@@ -142,7 +142,7 @@ def bench_preprocessing(scratch: Path, audio: Path, speakers: int, repeats: int)
         result[f"workers_{workers}_all_seconds"] = [round(t, 2) for t in times]
     result["speedup"] = round(result["workers_1_seconds"] / result["workers_2_seconds"], 2)
     # each round's own ratio too: a slow spell that hits one round shows as one low pair
-    result["paired_speedups"] = [round(one / two, 2) for one, two in zip(*seconds.values())]
+    result["paired_speedups"] = [round(one / two, 2) for one, two in zip(seconds[1], seconds[2])]
     return result
 
 
