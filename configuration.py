@@ -17,7 +17,8 @@ SHAPE_KEYS = FEATURE_KEYS + NETWORK_KEYS
 # Flags that fix the optimizer state, learning-rate schedule and batches; `--train True --restore
 # True` takes them from the saved config so a resumed run continues the interrupted one exactly.
 RESUME_KEYS = ("optim", "lr", "lr_decay_every", "beta1", "beta2", "clip_norm", "loss", "N", "M",
-               "seed", "tisv_frame", "tisv_frame_min", "snr_db", "source_weights")
+               "seed", "tisv_frame", "tisv_frame_min", "snr_db", "source_weights",
+               "spec_augment")
 
 
 def str2bool(value: str) -> bool:
@@ -206,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar="W", help="with several --train_path folders: draw each batch "
                           "from one folder, folder i with probability W_i / sum(W) (the paper's "
                           "MultiReader loss weights); default: pool all their speakers")
+    training.add_argument("--spec_augment", type=_non_negative_int, nargs=2, default=(0, 0),
+                          metavar=("BANDS", "FRAMES"), help="mask one band of up to BANDS mel "
+                          "channels and one span of up to FRAMES frames in each training "
+                          "utterance (SpecAugment); 0 0 = off")
     training.add_argument("--loss", type=str, default="softmax", choices=("softmax", "contrast"),
                           help="GE2E loss (eq. 6 or eq. 7)")
     training.add_argument("--optim", type=str, default="sgd", choices=("sgd", "adam", "rmsprop"),
@@ -347,8 +352,9 @@ def merge_saved_config(config: argparse.Namespace, saved: dict) -> argparse.Name
     for key in keys:
         if key not in saved:
             continue
-        # JSON turns tuples (--snr_db) into lists.
-        value = list(getattr(config, key)) if key == "snr_db" else getattr(config, key)
+        # JSON turns tuples (the defaults of --snr_db, --spec_augment) into lists.
+        value = getattr(config, key)
+        value = list(value) if isinstance(value, tuple) else value
         if key in explicit and value != saved[key]:
             raise ValueError(f"--{key} {value} conflicts with the model's saved "
                              f"config ({key}={saved[key]}); drop the flag or use another "

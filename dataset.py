@@ -162,6 +162,23 @@ def _noise(store: SpeakerStore, shape: tuple[int, int], rng: np.random.Generator
     return clips / np.maximum(np.sqrt(np.mean(clips ** 2, axis=1, keepdims=True)), 1e-8)
 
 
+def spec_augment(features: np.ndarray, max_bands: int, max_frames: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """One frequency and one time mask per utterance of [n, T, n_mels] (SpecAugment, Park et
+    al. 2019), widths uniform in 0..max; masked cells take the utterance's mean log-mel."""
+    n, length, n_mels = features.shape
+    bands = rng.integers(0, min(max_bands, n_mels) + 1, n)
+    band_start = rng.integers(0, n_mels - bands + 1)
+    spans = rng.integers(0, min(max_frames, length) + 1, n)
+    span_start = rng.integers(0, length - spans + 1)
+    band = np.arange(n_mels) - band_start[:, None]
+    span = np.arange(length) - span_start[:, None]
+    masked = (((band >= 0) & (band < bands[:, None]))[:, None, :]
+              | ((span >= 0) & (span < spans[:, None]))[:, :, None])
+    # The mean, not zero: log10 mels sit far below zero, so a zero mask would read as loud.
+    return np.where(masked, features.mean(axis=(1, 2), keepdims=True), features)
+
+
 def batch_speakers(store: SpeakerStore, config: argparse.Namespace, rng: np.random.Generator
                    ) -> np.ndarray:
     """N distinct speaker indices: from all folders pooled, or with --source_weights all from
@@ -191,10 +208,14 @@ def sample_batch(store: SpeakerStore, config: argparse.Namespace, step: int) -> 
         rms = np.sqrt(np.mean(clean ** 2, axis=1, keepdims=True))
         snr = rng.uniform(*config.snr_db, (len(picks), 1))
         noisy = clean + _noise(store, clean.shape, rng) * rms * 10.0 ** (-snr / 20.0)
-        return data_preprocess.log_mel(noisy.astype(np.float32), config)
-    length = int(rng.integers(config.tisv_frame_min, config.tisv_frame + 1))
-    return np.stack([_crop(store.utterance(s, u), length, rng) for s, u in picks]
-                    ).astype(np.float32, copy=False)
+        features = data_preprocess.log_mel(noisy.astype(np.float32), config)
+    else:
+        length = int(rng.integers(config.tisv_frame_min, config.tisv_frame + 1))
+        features = np.stack([_crop(store.utterance(s, u), length, rng) for s, u in picks]
+                            ).astype(np.float32, copy=False)
+    if any(config.spec_augment):
+        features = spec_augment(features, *config.spec_augment, rng)
+    return features
 
 
 def training_batches(store: SpeakerStore, config: argparse.Namespace, start_step: int

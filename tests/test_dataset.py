@@ -116,3 +116,42 @@ def test_source_weights_are_checked_against_the_folders(tiny_tisv):
         dataset.training_batches(store, config, 0)
     with pytest.raises(SystemExit):
         configuration.parse_config(tiny_tisv + ["--source_weights", "0", "0"])
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of True in a 1-d boolean array."""
+    edges = np.diff(np.concatenate([[0], flags.astype(int), [0]]))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
+
+
+def test_spec_augment_masks_one_band_and_one_span_with_the_mean():
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((400, 50, 40)).astype(np.float32) - 3.0
+    masked = dataset.spec_augment(features, 8, 10, np.random.default_rng(1))
+    band_widths, span_widths = [], []
+    for before, after in zip(features, masked):
+        changed = before != after
+        bands = changed.all(axis=0)  # a masked band is masked in every frame
+        frames = changed.all(axis=1)
+        np.testing.assert_array_equal(changed, bands[None, :] | frames[:, None])
+        assert len(_runs(bands)) <= 1 and len(_runs(frames)) <= 1
+        band_widths.append(bands.sum())
+        span_widths.append(frames.sum())
+        np.testing.assert_allclose(after[changed], before.mean(), rtol=1e-5)
+    assert min(band_widths) == 0 and max(band_widths) == 8
+    assert min(span_widths) == 0 and max(span_widths) == 10
+    np.testing.assert_array_equal(dataset.spec_augment(features, 0, 0, rng), features)
+
+
+def test_spec_augment_flag_masks_the_same_batch(tiny_tisv):
+    plain = configuration.parse_config(tiny_tisv + ["--N", "3", "--M", "4"])
+    masked = configuration.parse_config(tiny_tisv + ["--N", "3", "--M", "4",
+                                                     "--spec_augment", "5", "20"])
+    store = dataset.open_store(plain.train_path, plain, "train")
+    before = dataset.sample_batch(store, plain, step=3)
+    after = dataset.sample_batch(store, masked, step=3)
+    changed = before != after
+    assert changed.any()
+    # The crops are those of the unmasked batch; only the masked cells differ.
+    for utterance, augmented, mask in zip(before, after, changed):
+        np.testing.assert_allclose(augmented[mask], utterance.mean(), rtol=1e-5)
