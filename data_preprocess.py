@@ -286,21 +286,36 @@ def voiced_features(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
     return frames_log_mel(framed, config, keep)
 
 
-def phrase_waveform(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
-    """The phrase trimmed by VAD, centred in a window of exactly --tdsv_frame frames."""
+def phrase_span(wav: np.ndarray, config: argparse.Namespace) -> tuple[int, int]:
+    """(start, end) samples of the phrase: as librosa.effects.trim, from the first to the end of
+    the last frame the VAD keeps."""
     hop = hop_samples(config)
-    length = (config.tdsv_frame - 1) * hop
-    # librosa.effects.trim: from the first to the end of the last frame the VAD keeps.
     kept = np.flatnonzero(voiced_frames(frames(wav, config), len(wav), config))
     start, end = (kept[0] * hop, min(len(wav), (kept[-1] + 1) * hop)) if kept.size else (0, 0)
-    voiced = end - start
-    if voiced < config.min_frames * hop // 4:
-        raise AudioError("too short", f"too short: {voiced} voiced samples, expected at least "
-                                      f"{config.min_frames * hop // 4} (--min_frames / 4)")
-    centre = (start + end) // 2
+    if end - start < config.min_frames * hop // 4:
+        raise AudioError("too short", f"too short: {end - start} voiced samples, expected at "
+                                      f"least {config.min_frames * hop // 4} (--min_frames / 4)")
+    return start, end
+
+
+def centred_phrase(wav: np.ndarray, span: tuple[int, int], config: argparse.Namespace
+                   ) -> np.ndarray:
+    """The window of exactly --tdsv_frame frames centred on span (a longer phrase is cut)."""
+    length = (config.tdsv_frame - 1) * hop_samples(config)
+    centre = (span[0] + span[1]) // 2
     lo = max(0, min(centre - length // 2, len(wav) - length))
     segment = wav[lo:lo + length]
     return np.pad(segment, (0, length - len(segment))).astype(np.float32)
+
+
+def phrase_waveform(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
+    """The phrase trimmed by VAD, centred in a window of exactly --tdsv_frame frames."""
+    return centred_phrase(wav, phrase_span(wav, config), config)
+
+
+def phrase_frames(span: tuple[int, int], config: argparse.Namespace) -> int:
+    """How many --hop frames a phrase span covers: compared with --tdsv_frame to find cut ones."""
+    return int(-(-(span[1] - span[0]) // hop_samples(config)))
 
 
 def inference_features(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
@@ -430,14 +445,18 @@ def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], ou
     done = _finished_speaker(sidecar, out_dir / f"{speaker}.npy", settings, paths)
     if done is not None:
         return speaker, bool(done["utterances"]), done["skipped"]
-    arrays, kept, skipped = [], [], []
+    arrays, kept, skipped, spans = [], [], [], []
     for relative in paths:
         try:
             wav = load_audio(Path(root) / relative, config.sr)
             if speed != 1.0:
                 wav = speed_perturb(wav, speed, config.sr)
-            arrays.append(phrase_waveform(wav, config) if config.tdsv
-                          else voiced_features(wav, config))
+            if config.tdsv:
+                span = phrase_span(wav, config)
+                arrays.append(centred_phrase(wav, span, config))
+                spans.append(phrase_frames(span, config))
+            else:
+                arrays.append(voiced_features(wav, config))
             kept.append(relative)
         except AudioError as error:
             # Each speed copy of a bad file is its own entry: one per file written (or not).
@@ -448,13 +467,13 @@ def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], ou
         skipped.append({"path": speaker, "kind": SPEAKER_SKIPPED,
                         "reason": f"{len(kept)} usable utterances, expected at least "
                                   f"--min_utterances {config.min_utterances}"})
-        kept, arrays = [], []
+        kept, arrays, spans = [], [], []
     else:
         stacked = np.stack(arrays) if config.tdsv else np.concatenate(arrays)
         utils.atomic_save_npy(out_dir / f"{speaker}.npy", stacked)
     utils.atomic_save_json(sidecar, {
         "settings": settings, "paths": paths, "utterances": kept, "skipped": skipped,
-        "lengths": [len(a) for a in arrays]})
+        "lengths": [len(a) for a in arrays], **({"phrase_frames": spans} if config.tdsv else {})})
     return speaker, usable, skipped
 
 
@@ -556,6 +575,9 @@ def merge_shards(out_dir: str | Path) -> dict:
                 "speakers": sorted(s for shard in shards for s in shard["speakers"]),
                 "skipped": sorted((e for shard in shards for e in shard["skipped"]),
                                   key=lambda entry: entry["path"])}
+    if manifest["settings"].get("kind") == "tdsv":
+        manifest["phrase_frames"] = _written_phrase_lengths(
+            out_dir, manifest["speakers"], manifest["settings"]["tdsv_frame"])
     for shard in shards:
         if "noise_seconds" in shard:
             manifest["noise_seconds"] = shard["noise_seconds"]
@@ -636,6 +658,9 @@ def preprocess(config: argparse.Namespace) -> dict:
             utils.atomic_save_npy(out_dir / "noise.npy", noise)
             manifest["noise_seconds"] = len(noise) / config.sr
             manifest["skipped"].extend(bad_noise)
+        if config.tdsv:
+            manifest["phrase_frames"] = _written_phrase_lengths(out_dir, usable[split],
+                                                                config.tdsv_frame)
         n_files = copies * sum(len(tree[s]) for s in speakers)
         shard_text = f" (shard {config.shard} of {config.num_shards})" if sharded else ""
         manifest_file = out_dir / (shard_name(config.shard, config.num_shards) if sharded
@@ -646,10 +671,33 @@ def preprocess(config: argparse.Namespace) -> dict:
         print(f"{split}{shard_text}: {len(usable[split])} of {copies * len(speakers)} speakers "
               f"written to {out_dir}; skipped {skip_summary(manifest['skipped'])} of {n_files} files "
               f"(reasons in {manifest_file})")
+        cut = manifest.get("phrase_frames", {}).get("longer_than_tdsv_frame", 0)
+        if cut:
+            summary_frames = manifest["phrase_frames"]
+            print(f"{split}{shard_text}: {cut} of {summary_frames['phrases']} phrases are longer "
+                  f"than --tdsv_frame {config.tdsv_frame} frames and were cut to it (phrase "
+                  f"lengths: median {summary_frames['median']}, 90th percentile "
+                  f"{summary_frames['p90']} frames)")
         if sharded:
             manifest = _merge_if_complete(out_dir, config.num_shards)
         summary[split] = manifest
     return summary
+
+
+def phrase_length_summary(lengths: list[int], tdsv_frame: int) -> dict:
+    """How long the VAD-trimmed phrases are, in frames, and how many a --tdsv_frame window cuts."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not lengths.size:
+        return {"phrases": 0, "longer_than_tdsv_frame": 0}
+    return {"phrases": int(lengths.size), "median": int(np.median(lengths)),
+            "p90": int(np.percentile(lengths, 90)), "max": int(lengths.max()),
+            "longer_than_tdsv_frame": int(np.sum(lengths > tdsv_frame))}
+
+
+def _written_phrase_lengths(out_dir: Path, speakers: list[str], tdsv_frame: int) -> dict:
+    """phrase_length_summary of the phrases written for these speakers (from their sidecars)."""
+    return phrase_length_summary([n for speaker in speakers for n in configuration.load_config(
+        out_dir / f"{speaker}.json").get("phrase_frames", [])], tdsv_frame)
 
 
 def _audio_bytes(root: str | Path, paths: list[str]) -> int:

@@ -6,6 +6,7 @@ import json
 import librosa
 import numpy as np
 import pytest
+import soundfile as sf
 
 import configuration
 import data_preprocess
@@ -126,6 +127,60 @@ def test_phrase_waveform_of_real_recordings_equals_librosa_trim(shared_data):
         wav = data_preprocess.load_audio(file, CONFIG.sr)
         np.testing.assert_array_equal(data_preprocess.phrase_waveform(wav, config),
                                       reference_phrase_waveform(wav, config), err_msg=str(file))
+
+
+@pytest.mark.parametrize("samples, seed", [(32000, 1), (32001, 2), (48160, 3), (7999, 4)])
+def test_phrase_frames_count_the_librosa_trim_span(samples, seed):
+    config = configuration.parse_config(["--min_frames", "1"])
+    wav = bursts(samples, seed)
+    hop = data_preprocess.hop_samples(config)
+    _, (start, end) = librosa.effects.trim(wav, top_db=config.top_db, frame_length=config.nfft,
+                                           hop_length=hop)
+    span = data_preprocess.phrase_span(wav, config)
+    assert data_preprocess.phrase_frames(span, config) == -(-(end - start) // hop)
+
+
+def tone_in_silence(tone_seconds: float, seconds: float = 2.0, sr: int = 16000) -> np.ndarray:
+    """A 200 Hz tone of tone_seconds in the middle of near-silence: a phrase of known length."""
+    t = np.arange(int(seconds * sr)) / sr
+    on = np.abs(t - seconds / 2) < tone_seconds / 2
+    return (0.5 * np.sin(2 * np.pi * 200 * t) * on + 1e-5 * np.cos(t)).astype(np.float32)
+
+
+def test_tdsv_manifest_counts_phrases_longer_than_the_window(tmp_path, capsys):
+    # Phrases of 0.5 s and 1.2 s; a window of 80 frames (0.8 s) cuts exactly the long ones.
+    durations = {"spk0": [0.5, 1.2, 0.5], "spk1": [1.2, 1.2, 0.5], "spk2": [0.5, 0.5, 0.5]}
+    for speaker, tones in durations.items():
+        (tmp_path / "audio" / speaker).mkdir(parents=True)
+        for u, tone in enumerate(tones):
+            sf.write(tmp_path / "audio" / speaker / f"u{u}.wav", tone_in_silence(tone), 16000)
+    flags = ["--tdsv", "True", "--tdsv_pattern", ".", "--tdsv_frame", "80",
+             "--audio_path", str(tmp_path / "audio"), "--test_ratio", "0.34",
+             "--train_path", str(tmp_path / "train"), "--test_path", str(tmp_path / "test")]
+    assert data_preprocess.main(flags) == 0
+    out = capsys.readouterr().out
+    counted = 0
+    for split in ("train", "test"):
+        manifest = json.loads((tmp_path / split / "manifest.json").read_text())
+        long = sum(tone > 0.8 for sp in manifest["speakers"] for tone in durations[sp])
+        summary = manifest["phrase_frames"]
+        assert summary["phrases"] == 3 * len(manifest["speakers"])
+        assert summary["longer_than_tdsv_frame"] == long
+        # the VAD's span is the tone give or take the edge frames
+        longest = 100 * max(tone for sp in manifest["speakers"] for tone in durations[sp])
+        assert longest - 2 <= summary["max"] <= longest + 4
+        counted += long
+        if long:
+            assert f"{split}: {long} of {summary['phrases']} phrases are longer than " \
+                   f"--tdsv_frame 80 frames" in out
+    assert counted == 3
+    # A window that holds every phrase cuts none, and says nothing about it.
+    assert data_preprocess.main(flags[:5] + ["130"] + flags[6:-4] + [
+        "--train_path", str(tmp_path / "train130"), "--test_path", str(tmp_path / "test130")]) == 0
+    assert "phrases are longer" not in capsys.readouterr().out
+    for split in ("train130", "test130"):
+        manifest = json.loads((tmp_path / split / "manifest.json").read_text())
+        assert manifest["phrase_frames"]["longer_than_tdsv_frame"] == 0
 
 
 # --- speed perturbation (speaker augmentation) --------------------------------------------------
