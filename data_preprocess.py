@@ -677,7 +677,8 @@ def preprocess(config: argparse.Namespace) -> dict:
             print(f"{split}{shard_text}: {cut} of {summary_frames['phrases']} phrases are longer "
                   f"than --tdsv_frame {config.tdsv_frame} frames and were cut to it (phrase "
                   f"lengths: median {summary_frames['median']}, 90th percentile "
-                  f"{summary_frames['p90']} frames)")
+                  f"{summary_frames['p90']} frames; --tdsv_frame {summary_frames['p90']} would "
+                  f"keep 90 % of them whole)")
         if sharded:
             manifest = _merge_if_complete(out_dir, config.num_shards)
         summary[split] = manifest

@@ -173,6 +173,7 @@ def test_tdsv_manifest_counts_phrases_longer_than_the_window(tmp_path, capsys):
         if long:
             assert f"{split}: {long} of {summary['phrases']} phrases are longer than " \
                    f"--tdsv_frame 80 frames" in out
+            assert f"--tdsv_frame {summary['p90']} would keep 90 % of them whole" in out
     assert counted == 3
     # A window that holds every phrase cuts none, and says nothing about it.
     assert data_preprocess.main(flags[:5] + ["130"] + flags[6:-4] + [
