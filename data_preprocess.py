@@ -486,7 +486,9 @@ def _finished_speaker(sidecar: Path, array: Path, settings: dict, paths: list[st
         return None
     complete = (done.get("settings") == settings and done.get("paths") == paths
                 and isinstance(done.get("utterances"), list)
-                and isinstance(done.get("skipped"), list))
+                and isinstance(done.get("skipped"), list)
+                # written before phrase lengths were recorded: redo, so the manifest counts them
+                and (settings["kind"] != "tdsv" or isinstance(done.get("phrase_frames"), list)))
     if not complete or (done["utterances"] and not array.exists()):
         return None
     return done

@@ -175,6 +175,17 @@ def test_tdsv_manifest_counts_phrases_longer_than_the_window(tmp_path, capsys):
                    f"--tdsv_frame 80 frames" in out
             assert f"--tdsv_frame {summary['p90']} would keep 90 % of them whole" in out
     assert counted == 3
+    # A sidecar written before phrase lengths were recorded is redone on a re-run, not counted
+    # as a speaker with no phrases.
+    first = json.loads((tmp_path / "train" / "manifest.json").read_text())["speakers"][0]
+    sidecar = tmp_path / "train" / f"{first}.json"
+    old = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({k: v for k, v in old.items() if k != "phrase_frames"}))
+    before = json.loads((tmp_path / "train" / "manifest.json").read_text())["phrase_frames"]
+    assert data_preprocess.main(flags) == 0
+    assert json.loads(sidecar.read_text())["phrase_frames"] == old["phrase_frames"]
+    assert json.loads((tmp_path / "train" / "manifest.json").read_text())["phrase_frames"] == before
+    capsys.readouterr()
     # A window that holds every phrase cuts none, and says nothing about it.
     assert data_preprocess.main(flags[:5] + ["130"] + flags[6:-4] + [
         "--train_path", str(tmp_path / "train130"), "--test_path", str(tmp_path / "test130")]) == 0
