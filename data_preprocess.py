@@ -314,8 +314,8 @@ def phrase_waveform(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
 
 
 def phrase_frames(span: tuple[int, int], config: argparse.Namespace) -> int:
-    """How many --hop frames a phrase span covers: compared with --tdsv_frame to find cut ones."""
-    return int(-(-(span[1] - span[0]) // hop_samples(config)))
+    """The --tdsv_frame that just holds the phrase span: a window of n frames spans n - 1 hops."""
+    return 1 + int(-(-(span[1] - span[0]) // hop_samples(config)))
 
 
 def inference_features(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:

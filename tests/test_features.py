@@ -137,7 +137,12 @@ def test_phrase_frames_count_the_librosa_trim_span(samples, seed):
     _, (start, end) = librosa.effects.trim(wav, top_db=config.top_db, frame_length=config.nfft,
                                            hop_length=hop)
     span = data_preprocess.phrase_span(wav, config)
-    assert data_preprocess.phrase_frames(span, config) == -(-(end - start) // hop)
+    frames = data_preprocess.phrase_frames(span, config)
+    assert frames == 1 + -(-(end - start) // hop)
+    # The window of exactly that many frames holds the phrase; one frame fewer cuts it.
+    for tdsv_frame, cut in ((frames, False), (frames - 1, True)):
+        window = (tdsv_frame - 1) * hop
+        assert (end - start > window) == cut
 
 
 def tone_in_silence(tone_seconds: float, seconds: float = 2.0, sr: int = 16000) -> np.ndarray:
