@@ -693,7 +693,8 @@ def phrase_length_summary(lengths: list[int], tdsv_frame: int) -> dict:
     if not lengths.size:
         return {"phrases": 0, "longer_than_tdsv_frame": 0}
     return {"phrases": int(lengths.size), "median": int(np.median(lengths)),
-            "p90": int(np.percentile(lengths, 90)), "max": int(lengths.max()),
+            # rounded up, so that a window of p90 frames does hold 90 % of the phrases
+            "p90": int(np.ceil(np.percentile(lengths, 90))), "max": int(lengths.max()),
             "longer_than_tdsv_frame": int(np.sum(lengths > tdsv_frame))}
 
 
