@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import functools
 import glob
 import multiprocessing
@@ -37,6 +38,7 @@ LOG_FLOOR = 1e-6  # digital silence in the recordings must not give log(0)
 NOISE_SECONDS_PER_FILE = 30.0
 SYNTHETIC_PHRASE_PATTERN = r"phrase_\d+\.wav$"
 SPEAKER_SKIPPED = "speaker below --min_utterances"  # the kind of a skipped-speaker entry
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 class AudioError(ValueError):
@@ -374,6 +376,7 @@ def run_jobs(jobs: list[tuple], workers: int) -> Iterator[tuple]:
     """_speaker_job of each job, in the order they finish: in this process with --workers 1,
     else in `workers` processes (one start for both splits: a start costs up to a second)."""
     if workers == 1:
+        _keep_freed_memory()
         yield from map(_speaker_job, jobs)
         return
     context = _worker_context()
@@ -402,7 +405,7 @@ def _worker(jobs: list[tuple], next_job, results, parent: int) -> None:
     """One --workers process: takes the next job from the shared counter until none is left,
     or the parent is gone (killed). No task queue: the parent only collects results, so it
     takes no CPU from the workers."""
-    _one_blas_thread()
+    _worker_start()
     while os.getppid() == parent:
         with next_job.get_lock():
             index = next_job.value
@@ -429,10 +432,22 @@ def _next_result(results, processes: list) -> tuple | BaseException:
                                    "speakers are kept)") from None
 
 
-def _one_blas_thread() -> None:
+def _worker_start() -> None:
     """Worker start-up: BLAS threads only slow the small mel matmuls down and spin against the
     other workers. Set once per process: each threadpool_limits call scans the loaded libraries."""
     threadpool_limits(limits=1, user_api="blas")
+    _keep_freed_memory()
+
+
+def _keep_freed_memory() -> None:
+    """Keep freed heap memory for the next file (glibc only; elsewhere a no-op). By default the
+    per-file buffers (0.1-2 MB each) are returned to the system and page-faulted in again for
+    every file: 86,000 faults on speechocean762 against 11,000, and half the system time."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
+    if mallopt is not None:
+        # Both fixed, or glibc's dynamic thresholds stay on for the other (more faults, not fewer).
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum on 64-bit
+        mallopt(M_TRIM_THRESHOLD, 512 << 20)
 
 
 def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], out_dir: Path,

@@ -148,7 +148,7 @@ def bench_preprocessing(scratch: Path, audio: Path, speakers: int, repeats: int)
 
 def _per_file_work(files: list[Path]) -> None:
     """Preprocessing's per-file work (decode, VAD, log-mel) without start-up or writes."""
-    data_preprocess._one_blas_thread()  # as each --workers process starts
+    data_preprocess._worker_start()  # as each --workers process starts
     config = configuration.parse_config([])
     for file in files:
         data_preprocess.voiced_features(data_preprocess.load_audio(file, config.sr), config)
