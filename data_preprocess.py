@@ -338,6 +338,7 @@ def files_inference_features(paths: list[str | Path], config: argparse.Namespace
         except AudioError as error:
             return error
 
+    _keep_freed_memory()  # threads share one address space: its page faults serialise them
     # BLAS threads only slow the small mel matmuls down, and spin against the other threads.
     with threadpool_limits(limits=1, user_api="blas"), \
             ThreadPoolExecutor(os.cpu_count() or 1) as pool:

@@ -225,6 +225,8 @@ def sample_files(root: Path, count: int) -> list[Path]:
 def bench_features(config_args, files: list[Path], rows: list, result: dict):
     import librosa
     config = configuration.parse_config(config_args)
+    # As preprocessing's workers and files_inference_features run; the recipe gets it too.
+    data_preprocess._keep_freed_memory()
     # warm up librosa/numba (first call compiles) on both paths before timing
     warm = data_preprocess.load_audio(files[0], config.sr)
     data_preprocess.voiced_features(warm, config)
