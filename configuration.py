@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     use.add_argument("--out", type=str, default="", help="--embed: output .npz file")
     use.add_argument("--threshold", type=_finite_float, default=None,
                      help="--verify: decision threshold (default: the model's EER threshold)")
+    use.add_argument("--summarize", type=str, nargs="+", default=[], metavar="DIR",
+                     help="mean EERs of several tests (e.g. the folds of a cross-validation) "
+                          "from the evaluation.json in each test's --results_path DIR")
     return parser
 
 
@@ -283,9 +286,10 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     config = parser.parse_args(argv)
     config.explicit = sorted(explicit_flags(argv, parser))
     commands = [bool(config.enroll), bool(config.verify), config.identify, config.embed,
-                bool(config.export)]
+                bool(config.export), bool(config.summarize)]
     if sum(commands) > 1:
-        parser.error("use one of --enroll, --verify, --identify, --embed, --export at a time")
+        parser.error("use one of --enroll, --verify, --identify, --embed, --export, --summarize "
+                     "at a time")
     if (config.enroll or config.verify or config.identify) and not config.audio:
         parser.error("--enroll, --verify and --identify need --audio FILE")
     if (config.verify or config.identify) and len(config.audio) != 1:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+import configuration
 import data_preprocess
 import dataset
 import model
@@ -192,6 +193,8 @@ def test(config: argparse.Namespace) -> dict:
     summary.setdefault("threshold", raw_metrics["threshold"])
     summary.setdefault("threshold_source", "trial EER")
     utils.atomic_save_json(model_path / "evaluation.json", summary)
+    results.mkdir(parents=True, exist_ok=True)
+    utils.atomic_save_json(results / "evaluation.json", summary)  # beside its figures: --summarize
     figures = [plots.det_curve(raw[labels == 1], raw[labels == 0], results, mode),
                plots.score_histograms(raw[labels == 1], raw[labels == 0],
                                       raw_metrics["threshold"], results, mode)]
@@ -199,4 +202,42 @@ def test(config: argparse.Namespace) -> dict:
     if loss_figure is not None:
         figures.append(loss_figure)
     print(f"scores in {model_path / 'scores.txt'}; figures in {results}")
+    return summary
+
+
+def summary_of_tests(evaluations: list[dict]) -> dict:
+    """Means over several tests' evaluation.json contents (e.g. cross-validation folds): the
+    similarity-matrix EER plain and weighted by test speakers, and the all-pairs EERs."""
+    summary = {"tests": len(evaluations)}
+    if all("eer_mean" in e for e in evaluations):
+        eers = np.array([e["eer_mean"] for e in evaluations])
+        speakers = np.array([e["speakers"] for e in evaluations])
+        summary.update(eer_mean=float(eers.mean()),
+                       eer_speaker_weighted=float(np.sum(eers * speakers) / speakers.sum()))
+    for kind in ("raw", "as_norm"):
+        if all(kind in e for e in evaluations):
+            summary[f"{kind}_eer_mean"] = float(np.mean([e[kind]["eer"] for e in evaluations]))
+    return summary
+
+
+def summarize(folders: list[str]) -> dict:
+    """Print and return summary_of_tests of the evaluation.json in each --results_path folder."""
+    evaluations = []
+    for folder in folders:
+        path = Path(folder) / "evaluation.json"
+        if not path.is_file():
+            raise ValueError(f"--summarize {folder}: no evaluation.json there (expected the "
+                             "--results_path of a `main.py --train False` run)")
+        evaluations.append(configuration.load_config(path))
+        if not isinstance(evaluations[-1].get("raw"), dict):
+            raise ValueError(f"{path}: expected a test's evaluation.json, with its 'raw' metrics")
+    summary = summary_of_tests(evaluations)
+    line = [f"{len(folders)} tests"]
+    if "eer_mean" in summary:
+        line.append(f"similarity-matrix EER mean {100 * summary['eer_mean']:.2f}% "
+                    f"({100 * summary['eer_speaker_weighted']:.2f}% weighted by test speakers)")
+    line.append(f"all pairs raw EER mean {100 * summary['raw_eer_mean']:.2f}%")
+    if "as_norm_eer_mean" in summary:
+        line.append(f"AS-norm {100 * summary['as_norm_eer_mean']:.2f}%")
+    print(", ".join(line))
     return summary

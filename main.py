@@ -1,5 +1,5 @@
 """Entry point: `python main.py --train True` trains, `python main.py --train False` tests;
---enroll/--verify/--identify/--embed/--export use a trained model."""
+--enroll/--verify/--identify/--embed/--export use a trained model; --summarize averages tests."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
             profiles.embed_folder(config)
         elif config.export:
             export.export(config)
+        elif config.summarize:
+            evaluation.summarize(config.summarize)
         elif config.train:
             model.train(config)
         else:

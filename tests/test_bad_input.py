@@ -243,6 +243,7 @@ def test_killed_run_temp_files_removed_and_unreadable_sidecar_redone(tmp_path):
     (["--tisv_frame_min", "300"], ["--tisv_frame_min"]),
     (["--nfft", "256"], ["--window", "--nfft 256"]),
     (["--no_such_flag"], ["unrecognized arguments: --no_such_flag"]),
+    (["--summarize", "R", "--embed"], ["--summarize", "--embed", "at a time"]),
 ])
 def test_invalid_flag_is_one_line_naming_it(capsys, argv, names):
     with pytest.raises(SystemExit) as exit_info:

@@ -81,3 +81,28 @@ def test_all_pairs_run_writes_every_figure(tiny_tisv, capsys):
     for name in ("det_curve", "score_histograms", "similarity_matrix", "d_vectors_pca",
                  "training_loss"):
         assert (results / f"{name}_tisv.png").stat().st_size > 5000
+    model_path = Path(tiny_tisv[tiny_tisv.index("--model_path") + 1])
+    assert (json.loads((results / "evaluation.json").read_text())
+            == json.loads((model_path / "evaluation.json").read_text()))
+    eer = float(out.split("similarity-matrix test: EER ")[1].split("%")[0])
+    capsys.readouterr()
+    assert main.main(["--summarize", str(results), str(results)]) == 0
+    assert f"similarity-matrix EER mean {eer:.2f}%" in capsys.readouterr().out
+
+
+def test_summary_of_tests_by_hand():
+    folds = [{"eer_mean": 0.04, "speakers": 5, "raw": {"eer": 0.10}, "as_norm": {"eer": 0.08}},
+             {"eer_mean": 0.10, "speakers": 6, "raw": {"eer": 0.20}}]
+    summary = evaluation.summary_of_tests(folds)
+    assert summary["eer_mean"] == pytest.approx(0.07)
+    assert summary["eer_speaker_weighted"] == pytest.approx((5 * 0.04 + 6 * 0.10) / 11)
+    assert summary["raw_eer_mean"] == pytest.approx(0.15)
+    assert "as_norm_eer_mean" not in summary  # only one of the two tests had it
+
+
+def test_summarize_names_a_folder_without_evaluation(tmp_path, capsys):
+    (tmp_path / "fold0").mkdir()
+    (tmp_path / "fold0" / "evaluation.json").write_text(json.dumps({"raw": {"eer": 0.1}}))
+    assert main.main(["--summarize", str(tmp_path / "fold0"), str(tmp_path / "fold1")]) == 2
+    err = capsys.readouterr().err
+    assert "--summarize" in err and "fold1" in err and "evaluation.json" in err
