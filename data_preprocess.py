@@ -338,7 +338,7 @@ def files_inference_features(paths: list[str | Path], config: argparse.Namespace
         except AudioError as error:
             return error
 
-    _keep_freed_memory()  # threads share one address space: its page faults serialise them
+    _keep_freed_memory()  # the threads share one address space, so their page faults contend
     # BLAS threads only slow the small mel matmuls down, and spin against the other threads.
     with threadpool_limits(limits=1, user_api="blas"), \
             ThreadPoolExecutor(os.cpu_count() or 1) as pool:
@@ -434,8 +434,9 @@ def _next_result(results, processes: list) -> tuple | BaseException:
 
 
 def _worker_start() -> None:
-    """Worker start-up: BLAS threads only slow the small mel matmuls down and spin against the
-    other workers. Set once per process: each threadpool_limits call scans the loaded libraries."""
+    """Worker start-up: one BLAS thread (more only slow the small mel matmuls down and spin
+    against the other workers; set once, as each call scans the loaded libraries), freed memory
+    kept."""
     threadpool_limits(limits=1, user_api="blas")
     _keep_freed_memory()
 
