@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import mmap
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +20,16 @@ OPEN_ARRAYS = 256
 
 
 class SpeakerStore:
-    """Per-speaker arrays of one split, memory-mapped; only utterance offsets are kept in RAM,
-    so a corpus far larger than RAM trains.
+    """Per-speaker arrays of one split on disk; only utterance offsets are kept in RAM, so a
+    corpus far larger than RAM trains. Training reads its crops with plain reads, evaluation
+    memory-maps whole arrays.
 
     Several preprocessed folders can be pooled (the paper's MultiReader idea: more speakers from
     other material); their speakers are then named `<index>:<speaker>`.
     """
 
-    def __init__(self, parts: list[tuple[Path, dict]], config: argparse.Namespace,
-                 random_access: bool = False):
+    def __init__(self, parts: list[tuple[Path, dict]], config: argparse.Namespace):
         self.config = config
-        self.random_access = random_access
         self.tdsv = parts[0][1]["settings"]["kind"] == "tdsv"
         self.speakers: list[str] = []
         self.sources: list[np.ndarray] = []  # indices into speakers, one array per folder
@@ -46,6 +44,7 @@ class SpeakerStore:
                 self.offsets[key] = np.concatenate([[0], np.cumsum(sidecar["lengths"])])
                 self._files[key] = path / f"{speaker}.npy"
         self._arrays: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._layouts: dict[str, tuple[int, tuple[int, ...]]] = {}  # data offset, row shape
         noise = parts[0][0] / "noise.npy"
         self.noise = np.load(noise, mmap_mode="r", allow_pickle=False) if noise.exists() else None
 
@@ -70,16 +69,52 @@ class SpeakerStore:
             array = np.load(file, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as error:
             raise ValueError(f"{file}: unreadable ({error}); re-run data_preprocess.py") from None
-        if self.random_access and hasattr(getattr(array, "_mmap", None), "madvise"):
-            # Training reads short random crops; the kernel's read-around (often megabytes per
-            # page fault) would read, and keep in RAM, far more than the crop.
-            array._mmap.madvise(mmap.MADV_RANDOM)
         # A plain ndarray view of the same pages: slicing a np.memmap costs ~10x more.
         array = array.view(np.ndarray)
         self._arrays[speaker] = array
         if len(self._arrays) > OPEN_ARRAYS:
             self._arrays.popitem(last=False)
         return array
+
+    def read_rows(self, speaker: str, spans: list[tuple[int, int]],
+                  out: list[np.ndarray | None] | None = None) -> list[np.ndarray]:
+        """Rows start..stop of a speaker's array for each (start, stop), into out[i] where given
+        (C-contiguous float32): one open per call and one read per span. A crop costs its own
+        bytes only (no memory-mapped pages to fault in, the GIL released while reading), so
+        tf.data's parallel calls overlap."""
+        file = self._files[speaker]
+        rows = []
+        try:
+            with open(file, "rb", buffering=0) as handle:
+                offset, row_shape = self._layouts.get(speaker) or self._layout(speaker, handle)
+                row_bytes = 4 * int(np.prod(row_shape))
+                for (start, stop), into in zip(spans, out or [None] * len(spans)):
+                    if into is None:
+                        into = np.empty((stop - start, *row_shape), np.float32)
+                    handle.seek(offset + start * row_bytes)
+                    if handle.readinto(into) != (stop - start) * row_bytes:
+                        raise ValueError("shorter than its header says")
+                    rows.append(into)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{file}: unreadable ({error}); re-run data_preprocess.py") from None
+        return rows
+
+    def _layout(self, speaker: str, handle) -> tuple[int, tuple[int, ...]]:
+        """(data offset, row shape) of a speaker's .npy from its header, checked against the
+        sidecar's lengths; read once per speaker."""
+        version = np.lib.format.read_magic(handle)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f".npy format version {version}, expected 1.0 or 2.0")
+        shape, fortran_order, dtype = read_header(handle)
+        rows = self.num_utterances(speaker) if self.tdsv else int(self.offsets[speaker][-1])
+        if dtype != np.float32 or fortran_order or len(shape) != 2 or shape[0] != rows:
+            raise ValueError(f"holds {dtype} {'Fortran' if fortran_order else 'C'}-ordered "
+                             f"{shape}, expected float32 C-ordered ({rows}, ...) as its sidecar "
+                             f"lists")
+        self._layouts[speaker] = layout = (handle.tell(), tuple(shape[1:]))
+        return layout
 
     def utterance(self, speaker: str, index: int) -> np.ndarray:
         """TI-SV: the utterance's voiced log-mel frames; TD-SV: its phrase waveform."""
@@ -108,10 +143,8 @@ def _read_json(file: Path, keys: tuple[str, ...]) -> dict:
     return data
 
 
-def open_store(paths: str, config: argparse.Namespace, split: str, random_access: bool = False
-               ) -> SpeakerStore:
-    """Open a preprocessed split (or several, comma-separated), checking the feature settings.
-    random_access: the reader takes random crops (training), not whole arrays."""
+def open_store(paths: str, config: argparse.Namespace, split: str) -> SpeakerStore:
+    """Open a preprocessed split (or several, comma-separated), checking the feature settings."""
     parts = []
     for path in (Path(p) for p in paths.split(",")):
         manifest_file = path / "manifest.json"
@@ -134,18 +167,24 @@ def open_store(paths: str, config: argparse.Namespace, split: str, random_access
                                  f" is {getattr(config, key)}; re-run data_preprocess.py or fix "
                                  f"the flag")
         parts.append((path, manifest))
-    store = SpeakerStore(parts, config, random_access)
+    store = SpeakerStore(parts, config)
     if store.num_speakers < 2:
         raise ValueError(f"{paths}: {store.num_speakers} usable speakers; need at least 2")
     return store
 
 
-def _crop(frames: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
-    """A random window of exactly length frames; a shorter utterance is repeated cyclically."""
-    if len(frames) >= length:
-        start = rng.integers(0, len(frames) - length + 1)
-        return frames[start:start + length]
-    return np.take(frames, np.arange(length) + rng.integers(0, len(frames)), axis=0, mode="wrap")
+def crop_window(frames: int, length: int, rng: np.random.Generator) -> tuple[int, int, int]:
+    """(start, stop, shift) of a random crop of exactly length frames from an utterance of
+    `frames`: frames start..stop are read, and an utterance shorter than length is repeated
+    cyclically from frame `shift`."""
+    if frames >= length:
+        start = int(rng.integers(0, frames - length + 1))
+        return start, start + length, 0
+    return 0, frames, int(rng.integers(0, frames))
+
+
+def _repeated(rows: np.ndarray, length: int, shift: int) -> np.ndarray:
+    return np.take(rows, np.arange(length) + shift, axis=0, mode="wrap")
 
 
 def _noise(store: SpeakerStore, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -198,21 +237,35 @@ def sample_batch(store: SpeakerStore, config: argparse.Namespace, step: int) -> 
     Seeded by (seed, step), so a resumed run sees exactly the batches of an uninterrupted one.
     """
     rng = np.random.default_rng([config.seed, step])
-    picks = []
+    picks = []  # (speaker, its M utterance indices)
     for s in batch_speakers(store, config, rng):
         speaker = store.speakers[s]
         count = store.num_utterances(speaker)
-        picks.extend((speaker, u) for u in rng.choice(count, config.M, replace=count < config.M))
+        picks.append((speaker, rng.choice(count, config.M, replace=count < config.M)))
     if store.tdsv:
-        clean = np.stack([store.utterance(s, u) for s, u in picks]).astype(np.float32)
+        clean = np.concatenate([row for speaker, utterances in picks for row in store.read_rows(
+            speaker, [(u, u + 1) for u in utterances])])
         rms = np.sqrt(np.mean(clean ** 2, axis=1, keepdims=True))
-        snr = rng.uniform(*config.snr_db, (len(picks), 1))
+        snr = rng.uniform(*config.snr_db, (len(clean), 1))
         noisy = clean + _noise(store, clean.shape, rng) * rms * 10.0 ** (-snr / 20.0)
         features = data_preprocess.log_mel(noisy.astype(np.float32), config)
     else:
         length = int(rng.integers(config.tisv_frame_min, config.tisv_frame + 1))
-        features = np.stack([_crop(store.utterance(s, u), length, rng) for s, u in picks]
-                            ).astype(np.float32, copy=False)
+        features = np.empty((config.N * config.M, length, config.n_mels), np.float32)
+        row = 0
+        for speaker, utterances in picks:
+            offsets = store.offsets[speaker]
+            windows = [crop_window(int(offsets[u + 1] - offsets[u]), length, rng)
+                       for u in utterances]
+            spans = [(offsets[u] + start, offsets[u] + stop)
+                     for u, (start, stop, _) in zip(utterances, windows)]
+            # A full-length crop is read straight into its place in the batch.
+            places = [features[row + i] if stop - start == length else None
+                      for i, (start, stop, _) in enumerate(windows)]
+            for rows, (_, _, shift) in zip(store.read_rows(speaker, spans, places), windows):
+                if len(rows) < length:
+                    features[row] = _repeated(rows, length, shift)
+                row += 1
     if any(config.spec_augment):
         features = spec_augment(features, *config.spec_augment, rng)
     return features

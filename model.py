@@ -277,7 +277,7 @@ def train(config: argparse.Namespace) -> dict:
     strategy = make_strategy(config.distribute)
     chief = is_chief(strategy)
     model_path = Path(config.model_path)
-    store = dataset.open_store(config.train_path, config, "train", random_access=True)
+    store = dataset.open_store(config.train_path, config, "train")
     if config.N > store.num_speakers:
         raise ValueError(f"--N {config.N} exceeds the {store.num_speakers} training speakers in "
                          f"{config.train_path}")

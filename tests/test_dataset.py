@@ -1,5 +1,8 @@
 """The training store and its seeded N x M batches."""
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -66,21 +69,68 @@ def test_noise_from_clean_noisy_pairs_and_plain_recordings(tmp_path):
     np.testing.assert_allclose(stream, expected, atol=1e-4)
 
 
-def test_out_of_core_reader_keeps_few_arrays_open(tiny_tisv, monkeypatch):
-    """With at most 2 memory maps open (LRU), random-access batches equal those of a reader
-    that keeps every array open; utterance names come from the sidecars on demand."""
+def test_training_reads_are_the_stored_rows_and_keep_no_file_open(tiny_tisv):
+    """read_rows against plain slicing of the loaded array; sampling batches opens no memory
+    map and leaves no file descriptor behind."""
     config = configuration.parse_config(tiny_tisv + ["--N", "4", "--M", "3"])
+    store = dataset.open_store(config.train_path, config, "train")
+    rng = np.random.default_rng(0)
+    for speaker in store.speakers[:3]:
+        stored = np.load(store._files[speaker], allow_pickle=False)
+        starts = rng.integers(0, len(stored) - 20, 5)
+        spans = [(int(a), int(a) + int(n)) for a, n in zip(starts, rng.integers(1, 20, 5))]
+        for (start, stop), rows in zip(spans, store.read_rows(speaker, spans)):
+            np.testing.assert_array_equal(rows, stored[start:stop])
+        places = [np.full((stop - start, config.n_mels), np.nan, np.float32)
+                  for start, stop in spans]
+        filled = store.read_rows(speaker, spans, places)
+        assert all(a is b for a, b in zip(filled, places))
+        np.testing.assert_array_equal(places[0], stored[spans[0][0]:spans[0][1]])
+    descriptors = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    for step in range(6):
+        dataset.sample_batch(store, config, step)
+    assert not store._arrays
+    if descriptors is not None:
+        assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
+def test_evaluation_keeps_few_memory_maps_open(tiny_tisv, monkeypatch):
+    """With at most 2 memory maps open (LRU), every speaker's test utterances are those of a
+    reader that keeps every array open; utterance names come from the sidecars on demand."""
+    config = configuration.parse_config(tiny_tisv)
     everything = dataset.open_store(config.train_path, config, "train")
-    expected = [dataset.sample_batch(everything, config, step) for step in range(6)]
+    expected = [everything.test_utterances(s) for s in everything.speakers]
     assert len(everything._arrays) > 2
     monkeypatch.setattr(dataset, "OPEN_ARRAYS", 2)
-    bounded = dataset.open_store(config.train_path, config, "train", random_access=True)
-    for step, batch in enumerate(expected):
-        np.testing.assert_array_equal(dataset.sample_batch(bounded, config, step), batch)
+    bounded = dataset.open_store(config.train_path, config, "train")
+    for speaker, utterances in zip(bounded.speakers, expected):
+        for got, want in zip(bounded.test_utterances(speaker), utterances, strict=True):
+            np.testing.assert_array_equal(got, want)
         assert len(bounded._arrays) <= 2
     speaker = bounded.speakers[0]
     names = bounded.utterance_names(speaker)
     assert len(names) == bounded.num_utterances(speaker) and names[0].startswith(speaker)
+
+
+def test_a_feature_file_that_disagrees_with_its_sidecar_is_named(tiny_tisv, tmp_path):
+    config = configuration.parse_config(tiny_tisv + ["--N", "2", "--M", "2"])
+    copy = tmp_path / "train"
+    shutil.copytree(config.train_path, copy)
+    store = dataset.open_store(str(copy), config, "train")
+    speaker = store.speakers[0]
+    stored = np.load(copy / f"{speaker}.npy")
+    np.save(copy / f"{speaker}.npy", stored[:-1])  # one frame fewer than the sidecar lists
+    with pytest.raises(ValueError, match=rf"{speaker}.npy: unreadable \(holds float32 .*"
+                                         rf"expected float32 C-ordered \({len(stored)}, "):
+        store.read_rows(speaker, [(0, 1)])
+    np.save(copy / f"{speaker}.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=rf"{speaker}.npy: unreadable .*re-run data_preprocess"):
+        dataset.open_store(str(copy), config, "train").read_rows(speaker, [(0, 1)])
+    np.save(copy / f"{speaker}.npy", stored)
+    with open(copy / f"{speaker}.npy", "r+b") as handle:  # cut short after its header
+        handle.truncate(200)
+    with pytest.raises(ValueError, match=rf"{speaker}.npy: unreadable \(shorter than its header"):
+        dataset.open_store(str(copy), config, "train").read_rows(speaker, [(0, 50)])
 
 
 def test_source_weights_draw_each_batch_from_one_folder(tiny_tisv):

@@ -5,9 +5,10 @@
   1. A VoxCeleb2-shaped training split (6,000 speakers, 1,000,000 utterances of 300-1,300
      frames, ~130 GB of float32 features) written as sparse .npy files, so it costs no disk
      space: their data pages are holes that read as zeros. This row measures the index, the
-     memory maps and the tf.data batch assembly of dataset.py, not the disk. It reports
-     N=64, M=10 batches/s and the peak RSS of that process (its own process, so nothing else
-     counts).
+     reads and the tf.data batch assembly of dataset.py, not the disk. It reports N=64, M=10
+     batches/s with the split evicted from the page cache first (each crop's pages are new to
+     the kernel, as on a corpus larger than RAM), the same batches again from the page cache,
+     and the peak RSS of that process (its own process, so nothing else counts).
   2. data_preprocess.py on ../shared/data/speechocean762 with --workers 1 and --workers 2,
      alternated five times (page cache warm); the medians and their ratio. Beside it, the
      ceiling: the per-file work alone (decode, VAD, log-mel) in one vs two forked processes.
@@ -75,28 +76,43 @@ def write_vox2_shaped(folder: Path, seed: int = 0) -> dict:
     return data
 
 
+def drop_from_page_cache(folder: Path) -> None:
+    """Evict the split's pages from the page cache, so that every run reads its crops cold."""
+    for file in folder.glob("*.npy"):
+        descriptor = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+
+
 def sample_part(store_path: str, batches: int) -> dict:
-    """Run in its own process: open the store, time N=64 M=10 batches, report peak RSS."""
+    """Run in its own process: open the store, time N=64 M=10 batches twice (first with none of
+    their pages in the page cache, then again), report peak RSS."""
     import dataset
 
     config = configuration.parse_config(["--N", "64", "--M", "10", "--train_path", store_path,
                                          "--iteration", str(batches + 10)])
+    if hasattr(os, "posix_fadvise"):
+        drop_from_page_cache(Path(store_path))
     started = time.perf_counter()
-    store = dataset.open_store(store_path, config, "train", random_access=True)
+    store = dataset.open_store(store_path, config, "train")
     open_seconds = time.perf_counter() - started
     rss_index = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    iterator = iter(dataset.training_batches(store, config, start_step=0))
-    for _ in range(10):  # warm-up: tf.data threads, first memory maps
-        next(iterator)
-    started = time.perf_counter()
-    shape = None
-    for _ in range(batches):
-        shape = next(iterator).shape
-    seconds = time.perf_counter() - started
+    rates = []
+    for _ in ("cold", "warm"):
+        iterator = iter(dataset.training_batches(store, config, start_step=0))
+        for _ in range(10):  # tf.data's threads start, its autotuner settles
+            next(iterator)
+        started = time.perf_counter()
+        shape = None
+        for _ in range(batches):
+            shape = next(iterator).shape
+        rates.append(round(batches / (time.perf_counter() - started), 1))
     return {"speakers": store.num_speakers,
             "utterances": int(sum(store.num_utterances(s) for s in store.speakers)),
             "batch_shape": list(shape), "open_seconds": round(open_seconds, 1),
-            "batches": batches, "batches_per_s": round(batches / seconds, 1),
+            "batches": batches, "batches_per_s": rates[0], "batches_per_s_page_cached": rates[1],
             "peak_rss_mb_after_index": round(rss_index), "peak_rss_mb": round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
@@ -232,8 +248,10 @@ def main(argv=None) -> int:
     print(f"\n{'measure':62s} {'result':>14s}   target")
     print(f"{'VoxCeleb2-shaped split: speakers / utterances':62s} "
           f"{sampling['speakers']:>6d} / {sampling['utterances']}")
-    print(f"{'  N=64, M=10 batches/s (tf.data, memory-mapped)':62s} "
+    print(f"{'  N=64, M=10 batches/s (tf.data), crops read cold':62s} "
           f"{sampling['batches_per_s']:>14g}   >= 20")
+    print(f"{'  the same batches again, crops in the page cache':62s} "
+          f"{sampling['batches_per_s_page_cached']:>14g}")
     print(f"{'  peak RSS (MB)':62s} {sampling['peak_rss_mb']:>14d}   < 2048")
     if "preprocessing" in result:
         prep = result["preprocessing"]
