@@ -183,8 +183,24 @@ def crop_window(frames: int, length: int, rng: np.random.Generator) -> tuple[int
     return 0, frames, int(rng.integers(0, frames))
 
 
-def _repeated(rows: np.ndarray, length: int, shift: int) -> np.ndarray:
-    return np.take(rows, np.arange(length) + shift, axis=0, mode="wrap")
+def _crops(store: SpeakerStore, picks: list[tuple[str, np.ndarray]], length: int,
+           rng: np.random.Generator) -> np.ndarray:
+    """[N*M, length, n_mels]: a random crop (crop_window) of each picked utterance. A full-length
+    crop is read straight into its place in the batch, a shorter one repeated into it."""
+    crops = np.empty((sum(len(u) for _, u in picks), length, store.config.n_mels), np.float32)
+    places = iter(crops)
+    for speaker, utterances in picks:
+        first = store.offsets[speaker][utterances]
+        windows = [crop_window(int(n), length, rng)
+                   for n in store.offsets[speaker][utterances + 1] - first]
+        spans = [(a + start, a + stop) for a, (start, stop, _) in zip(first, windows)]
+        mine = [next(places) for _ in utterances]
+        into = [place if stop - start == length else None
+                for place, (start, stop, _) in zip(mine, windows)]
+        for place, rows, (_, _, shift) in zip(mine, store.read_rows(speaker, spans, into), windows):
+            if len(rows) < length:
+                place[:] = np.take(rows, np.arange(length) + shift, axis=0, mode="wrap")
+    return crops
 
 
 def _noise(store: SpeakerStore, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -251,21 +267,7 @@ def sample_batch(store: SpeakerStore, config: argparse.Namespace, step: int) -> 
         features = data_preprocess.log_mel(noisy.astype(np.float32), config)
     else:
         length = int(rng.integers(config.tisv_frame_min, config.tisv_frame + 1))
-        features = np.empty((config.N * config.M, length, config.n_mels), np.float32)
-        row = 0
-        for speaker, utterances in picks:
-            offsets = store.offsets[speaker]
-            windows = [crop_window(int(offsets[u + 1] - offsets[u]), length, rng)
-                       for u in utterances]
-            spans = [(offsets[u] + start, offsets[u] + stop)
-                     for u, (start, stop, _) in zip(utterances, windows)]
-            # A full-length crop is read straight into its place in the batch.
-            places = [features[row + i] if stop - start == length else None
-                      for i, (start, stop, _) in enumerate(windows)]
-            for rows, (_, _, shift) in zip(store.read_rows(speaker, spans, places), windows):
-                if len(rows) < length:
-                    features[row] = _repeated(rows, length, shift)
-                row += 1
+        features = _crops(store, picks, length, rng)
     if any(config.spec_augment):
         features = spec_augment(features, *config.spec_augment, rng)
     return features

@@ -14,8 +14,11 @@ def _flag(flags, name):
     return flags[flags.index(name) + 1]
 
 
-def test_batches_are_speaker_major_and_seeded_by_step(tiny_tisv):
-    config = configuration.parse_config(tiny_tisv + ["--N", "3", "--M", "4"])
+@pytest.mark.parametrize("frames", [["--tisv_frame_min", "10", "--tisv_frame", "12"],
+                                    ["--tisv_frame_min", "900", "--tisv_frame", "1000"]],
+                         ids=["shorter than every utterance", "longer than every utterance"])
+def test_batches_are_speaker_major_and_seeded_by_step(tiny_tisv, frames):
+    config = configuration.parse_config(tiny_tisv + ["--N", "3", "--M", "4"] + frames)
     store = dataset.open_store(config.train_path, config, "train")
     first = dataset.sample_batch(store, config, step=7)
     assert first.shape[0] == 12 and first.shape[2] == 40
@@ -32,6 +35,8 @@ def test_batches_are_speaker_major_and_seeded_by_step(tiny_tisv):
 
     for crop in first:
         assert any(np.array_equal(w, crop) for u in stored for w in windows(u, len(crop)))
+    shorter = sum(len(u) < first.shape[1] for u in stored)
+    assert shorter == (len(stored) if frames[1] == "900" else 0)  # both reading paths run
 
 
 def test_several_train_folders_are_pooled(tiny_tisv):
