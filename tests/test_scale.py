@@ -191,3 +191,23 @@ def test_batch_that_does_not_divide_among_replicas_is_refused(tmp_path_factory, 
     output = subprocess.run([sys.executable, WORKER, str(tmp_path / "o.json"), "2", *flags],
                             cwd=REPO, capture_output=True, text=True)
     assert output.returncode != 0 and "do not divide among the 2 replicas" in output.stderr
+
+
+def test_scale_benchmark_sampling_row_on_a_small_sparse_split(tmp_path, monkeypatch):
+    """bench_scale.py's VoxCeleb2-shaped split, shrunk: sparse files (holes, no disk blocks) that
+    the training reader indexes and samples N=64 x M=10 batches from."""
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "benchmarks"))
+    import bench_scale
+
+    monkeypatch.setattr(bench_scale, "VOX2", {"speakers": 70, "utterances": 2000,
+                                              "min_frames": 300, "max_frames": 1300})
+    folder = tmp_path / "vox2_shaped"
+    manifest = bench_scale.write_vox2_shaped(folder)
+    arrays = sorted(folder.glob("*.npy"))
+    assert len(arrays) == 70 and manifest["frames"] > 2000 * 300
+    apparent = sum(a.stat().st_size for a in arrays)
+    assert sum(a.stat().st_blocks * 512 for a in arrays) < apparent / 20
+    result = bench_scale.sample_part(str(folder), batches=3)
+    assert result["speakers"] == 70 and result["utterances"] == 2000
+    assert result["batch_shape"][0] == 640 and result["batch_shape"][2] == 40
+    assert result["batches_per_s"] > 0 and result["batches_per_s_page_cached"] > 0
