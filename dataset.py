@@ -1,4 +1,4 @@
-"""Preprocessed speakers on disk (memory-mapped) and the N x M batches GE2E trains on."""
+"""Preprocessed speakers on disk (crops read on demand) and the N x M batches GE2E trains on."""
 
 from __future__ import annotations
 
