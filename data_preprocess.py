@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import queue
 import re
+import signal
 import struct
 import sys
 from collections import Counter
@@ -39,6 +40,7 @@ NOISE_SECONDS_PER_FILE = 30.0
 SYNTHETIC_PHRASE_PATTERN = r"phrase_\d+\.wav$"
 SPEAKER_SKIPPED = "speaker below --min_utterances"  # the kind of a skipped-speaker entry
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+PR_SET_PDEATHSIG = 1  # Linux prctl option (sys/prctl.h)
 
 
 class AudioError(ValueError):
@@ -406,6 +408,7 @@ def _worker(jobs: list[tuple], next_job, results, parent: int) -> None:
     """One --workers process: takes the next job from the shared counter until none is left,
     or the parent is gone (killed). No task queue: the parent only collects results, so it
     takes no CPU from the workers."""
+    _die_with_parent()
     _worker_start()
     while os.getppid() == parent:
         with next_job.get_lock():
@@ -418,6 +421,15 @@ def _worker(jobs: list[tuple], next_job, results, parent: int) -> None:
         except Exception as error:  # re-raised by the parent, as multiprocessing.Pool does
             results.put(error)
             return
+
+
+def _die_with_parent() -> None:
+    """On Linux, be killed with the parent: a re-run started right after `kill -9` must not
+    race a worker of the killed run that is still writing (elsewhere the worker stops after its
+    speaker, when it sees the parent gone)."""
+    prctl = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform == "linux" else None
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _next_result(results, processes: list) -> tuple | BaseException:
@@ -608,7 +620,7 @@ def _remove_leftovers(out_dir: Path, speakers: list[str], sharded: bool) -> None
     """Delete the temp files of a killed run: all of them, or only this shard's own."""
     if not sharded:
         for leftover in out_dir.glob("*.tmp"):
-            leftover.unlink()
+            leftover.unlink(missing_ok=True)
         return
     for speaker in speakers:
         for leftover in out_dir.glob(f"{glob.escape(speaker)}.*.tmp"):

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,45 @@ def test_workers_keep_freed_memory_for_the_next_file():
                                        ).stdout) for mode in ("default", "keep")}
     # The kernel's own count: by default each file's buffers are faulted in anew.
     assert faults["keep"] < faults["default"] / 5, faults
+
+
+ORPHAN = """
+import os, sys, time
+import data_preprocess
+child = os.fork()
+if child == 0:
+    data_preprocess._die_with_parent()
+    print("armed", flush=True)
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited, only nobody has reaped it
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG)")
+def test_a_worker_dies_with_its_killed_parent():
+    """A worker that would sleep for minutes dies with its parent's kill -9, so a re-run never
+    races a worker of the killed run."""
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    lines = {parent.stdout.readline().strip() for _ in range(2)}
+    (child,) = [int(line) for line in lines if line != "armed"]
+    assert "armed" in lines and _alive(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
 
 
 def test_merge_names_the_missing_shard(tmp_path, capsys):
