@@ -3,6 +3,7 @@ MultiWorkerMirroredStrategy workers on loopback, MirroredStrategy over two logic
 the loss and weights of one process holding the whole batch."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,42 @@ def test_workers_keep_freed_memory_for_the_next_file():
                                        ).stdout) for mode in ("default", "keep")}
     # The kernel's own count: by default each file's buffers are faulted in anew.
     assert faults["keep"] < faults["default"] / 5, faults
+
+
+BLAS_THREADS = """
+import json, os, runpy, sys
+from threadpoolctl import threadpool_info
+if sys.argv[1] == "cli":
+    sys.argv = ["data_preprocess.py", "--help"]
+    try:
+        runpy.run_path("data_preprocess.py", run_name="__main__")
+    except SystemExit:
+        pass
+else:
+    import data_preprocess
+print(json.dumps([lib["num_threads"] for lib in threadpool_info()
+                  if lib["internal_api"] == "openblas"]))
+"""
+
+
+def _openblas_threads(mode: str, **env: str) -> list[int]:
+    environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"} | env
+    output = subprocess.run([sys.executable, "-c", BLAS_THREADS, mode], cwd=REPO, env=environ,
+                            capture_output=True, text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenBLAS starts one thread per core")
+def test_the_cli_starts_openblas_with_one_thread():
+    """`python data_preprocess.py` loads OpenBLAS with one thread (no idle threads spinning
+    against the workers); importing the module leaves the importer's BLAS alone, and a
+    user's OPENBLAS_NUM_THREADS wins."""
+    imported = _openblas_threads("import")
+    if not imported:
+        pytest.skip("numpy and scipy use no OpenBLAS here")
+    assert max(imported) > 1
+    assert set(_openblas_threads("cli")) == {1}
+    assert set(_openblas_threads("cli", OPENBLAS_NUM_THREADS="2")) == {2}
 
 
 ORPHAN = """

@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# As `python data_preprocess.py` does, before numpy loads OpenBLAS: the ceiling row forks this
+# process, and idle OpenBLAS threads started in each fork would spin against the work.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
