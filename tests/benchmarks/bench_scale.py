@@ -10,8 +10,10 @@
      the kernel, as on a corpus larger than RAM), the same batches again from the page cache,
      and the peak RSS of that process (its own process, so nothing else counts).
   2. data_preprocess.py on ../shared/data/speechocean762 with --workers 1 and --workers 2,
-     alternated five times (page cache warm); the medians and their ratio. Beside it, the
-     ceiling: the per-file work alone (decode, VAD, log-mel) in one vs two forked processes.
+     alternated nine times (page cache warm; the machine's speed swings within minutes, and
+     with five rounds the ratio of medians moved by 0.1 between runs); the medians and their
+     ratio. Beside it, the ceiling: the per-file work alone (decode, VAD, log-mel) in one vs
+     two forked processes.
   3. GE2E training steps/s with one process and with two MultiWorkerMirroredStrategy workers
      on loopback (on one 2-core machine the two workers share the cores: this row shows the
      recipe works and what it costs, not a speed-up).
@@ -239,7 +241,7 @@ def main(argv=None) -> int:
     audio = Path(args.audio)
     if audio.is_dir():
         result["preprocessing"] = bench_preprocessing(scratch, audio, 40 if args.quick else 200,
-                                                       1 if args.quick else 5)
+                                                       1 if args.quick else 9)
         result["two_process_ceiling"] = bench_two_process_ceiling(audio, 1 if args.quick else 5)
         result["training"] = bench_training(scratch, 5 if args.quick else 40)
     else:
