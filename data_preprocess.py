@@ -19,6 +19,7 @@ import argparse
 import csv
 import ctypes
 import functools
+import gc
 import glob
 import multiprocessing
 import queue
@@ -791,4 +792,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Nothing is left to free: unfrozen, the exit's garbage collections walk every object of the
+    # loaded modules (0.07-0.08 s of a 3 s --workers 2 run, against 0.02 s with this).
+    gc.freeze()
+    sys.exit(status)
