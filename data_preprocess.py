@@ -793,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     status = main()
-    # Nothing is left to free: unfrozen, the exit's garbage collections walk every object of the
-    # loaded modules (0.07-0.08 s of a 3 s --workers 2 run, against 0.02 s with this).
+    # Nothing is left to free, yet the exit's garbage collections would walk every object of the
+    # loaded modules: the exit takes 0.09-0.10 s without this, 0.02 s with it.
     gc.freeze()
     sys.exit(status)
