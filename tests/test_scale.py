@@ -109,7 +109,7 @@ def test_workers_keep_freed_memory_for_the_next_file():
 
 
 BLAS_THREADS = """
-import json, os, runpy, sys
+import json, runpy, sys
 from threadpoolctl import threadpool_info
 if sys.argv[1] == "cli":
     sys.argv = ["data_preprocess.py", "--help"]
