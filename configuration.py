@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="speaker augmentation: also write each training speaker sped up by "
                            "each factor F (tempo and pitch, as sox's speed) as a new speaker "
                            "<speaker>_spF, e.g. 0.9 1.1; the test split is never perturbed")
+    data.add_argument("--augment", type=_non_negative_int, default=0, metavar="K",
+                      help="also write each training utterance K times more, each in a random "
+                           "simulated room (pyroomacoustics) with additive noise at a random SNR "
+                           "in --augment_snr_db, as the same speaker; the test split is never "
+                           "augmented")
+    data.add_argument("--augment_snr_db", type=_finite_float, nargs=2, default=(5.0, 20.0),
+                      metavar=("LOW", "HIGH"), help="--augment: additive noise SNR range (dB)")
 
     features = parser.add_argument_group("features")
     features.add_argument("--sr", type=_positive_int, default=16000, help="sample rate (Hz)")
@@ -189,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="checkpoints, config.json and TensorBoard logs")
     model.add_argument("--model_num", type=_non_negative_int, default=0,
                        help="test: checkpoint step to load (0 = latest)")
+    model.add_argument("--init_from", type=str, default="",
+                       help="training: start from this trained model's weights (its latest "
+                            "checkpoint; same network shape and features), with a fresh "
+                            "optimizer and step count (fine-tuning)")
+    model.add_argument("--precision", type=str, default="fp32", choices=("fp32", "bf16"),
+                       help="matmul precision for training and embedding: fp32, or bf16 on "
+                            "the CPU's matrix units (variables, cell state and loss stay fp32)")
     model.add_argument("--ensemble", type=str, default="",
                        help="comma-separated further trained models (e.g. other seeds): test, "
                             "enroll, verify, identify and embed average their cosine scores "
@@ -261,11 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="d-vectors of every audio file under --audio_path into --out (.npz)")
     use.add_argument("--export", type=str, default="", metavar="DIR",
                      help="write a waveform-to-d-vector TensorFlow SavedModel to DIR")
+    use.add_argument("--format", type=str, default="savedmodel",
+                     choices=("savedmodel", "tflite"),
+                     help="--export: TensorFlow SavedModel or a TFLite flatbuffer")
+    use.add_argument("--quantize", type=str, default="none", choices=("none", "int8"),
+                     help="--export --format tflite: float32 (none) or an int8-quantized model")
     use.add_argument("--audio", type=str, nargs="+", default=[], metavar="FILE",
                      help="audio files for --enroll, --verify, --identify")
     use.add_argument("--out", type=str, default="", help="--embed: output .npz file")
     use.add_argument("--threshold", type=_finite_float, default=None,
-                     help="--verify: decision threshold (default: the model's EER threshold)")
+                     help="--verify: decision threshold (default: the model's operating "
+                          "threshold, the EER threshold of its own test split)")
+    use.add_argument("--threshold_from", type=str, default="", metavar="RESULTS_DIR",
+                     help="--verify: take the operating threshold from the evaluation.json of "
+                          "this evaluation (a --results_path of a --train False run)")
     use.add_argument("--summarize", type=str, nargs="+", default=[], metavar="DIR",
                      help="mean EERs of several tests (e.g. the folds of a cross-validation) "
                           "from the evaluation.json in each test's --results_path DIR")
@@ -311,6 +334,13 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     if config.distribute == "multi_worker" and not os.environ.get("TF_CONFIG"):
         parser.error("--distribute multi_worker needs the TF_CONFIG environment variable "
                      "(cluster and task, see README 'Scaling out')")
+    if config.augment_snr_db[0] > config.augment_snr_db[1]:
+        parser.error(f"--augment_snr_db LOW HIGH: LOW {config.augment_snr_db[0]} exceeds HIGH "
+                     f"{config.augment_snr_db[1]}")
+    if config.threshold is not None and config.threshold_from:
+        parser.error("use one of --threshold and --threshold_from")
+    if config.quantize != "none" and config.format != "tflite":
+        parser.error("--quantize needs --format tflite")
     if config.M < 2:
         parser.error("--M must be at least 2 (GE2E needs exclusive centroids)")
     if config.N < 2:
