@@ -267,6 +267,27 @@ def _restore(checkpoint: tf.train.Checkpoint, path: str, partial: bool = False) 
                          ) from None
 
 
+def warm_start_checkpoint(config: argparse.Namespace) -> str:
+    """The latest checkpoint of --init_from's model, after checking that its network shape and
+    features are this run's."""
+    source = Path(config.init_from)
+    if source.resolve() == Path(config.model_path).resolve():
+        raise ValueError(f"--init_from {source} is --model_path itself; use --restore True to "
+                         f"resume it, or train into another --model_path")
+    if not (source / "config.json").exists():
+        raise ValueError(f"--init_from {source}: no config.json; expected a trained model folder "
+                         f"(like --model_path)")
+    saved = configuration.load_config(source / "config.json")
+    for key in configuration.SHAPE_KEYS:
+        if key in saved and saved[key] != getattr(config, key):
+            raise ValueError(f"--init_from {source}: its {key}={saved[key]} differs from this "
+                             f"run's --{key} {getattr(config, key)}")
+    path = tf.train.latest_checkpoint(source / "checkpoints")
+    if path is None:
+        raise ValueError(f"--init_from {source}: no checkpoint in {source / 'checkpoints'}")
+    return path
+
+
 def _set_seeds(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
@@ -282,10 +303,21 @@ def train(config: argparse.Namespace) -> dict:
         raise ValueError(f"--N {config.N} exceeds the {store.num_speakers} training speakers in "
                          f"{config.train_path}")
 
+    init_checkpoint = None
     if config.restore:
         saved = configuration.load_config(model_path / "config.json")
+        if config.init_from:
+            print(f"--restore True resumes {model_path}'s own checkpoint; --init_from "
+                  f"{config.init_from} is ignored")
         config = configuration.merge_saved_config(config, saved)
-    elif chief and (model_path / "checkpoints").exists():
+        # The record keeps the model's lineage: where its first weights came from.
+        config.init_from = saved.get("init_from", "")
+    elif config.init_from:
+        # Checked before an earlier model is moved away, so a refused run changes nothing.
+        init_checkpoint = warm_start_checkpoint(config)
+        config = argparse.Namespace(**vars(config))
+        config.init_from = str(Path(config.init_from).resolve())
+    if not config.restore and chief and (model_path / "checkpoints").exists():
         backup = model_path.with_name(f"{model_path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(model_path), str(backup))
         print(f"{model_path} held an earlier model; moved it to {backup} (use --restore True "
@@ -303,6 +335,10 @@ def train(config: argparse.Namespace) -> dict:
         if state is None or not state.model_checkpoint_path:
             raise ValueError(f"--restore True but {model_path / 'checkpoints'} holds no checkpoint")
         _restore(checkpoint, state.model_checkpoint_path)
+    elif init_checkpoint is not None:
+        _restore(_checkpoint(encoder, scale), init_checkpoint, partial=True)
+        print(f"initialised from {init_checkpoint} (encoder and GE2E scale); fresh optimizer, "
+              f"step 0")
     # Every worker takes part in saving (it may run collective ops); only the chief's is kept.
     save_dir = model_path / "checkpoints" if chief else Path(tempfile.mkdtemp(prefix="ge2e-"))
     manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=3)

@@ -1,0 +1,89 @@
+"""--init_from MODEL: a run starts from another model's encoder and GE2E scale weights, with a
+fresh optimizer and step count; a model of another shape is refused."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from robust_corpus import trained
+
+import configuration
+import main
+import model
+
+
+def _flag(flags: list[str], name: str) -> str:
+    return flags[len(flags) - 1 - flags[::-1].index(name) + 1]
+
+
+def _reference_weights(flags: list[str], model_path: str) -> list[np.ndarray]:
+    """The source model's latest checkpoint, built and restored independently of train()."""
+    encoder, scale = model.build_model(configuration.parse_config(flags))
+    path = tf.train.latest_checkpoint(Path(model_path) / "checkpoints")
+    tf.train.Checkpoint(encoder=list(encoder.variables), scale=list(scale.variables)).restore(
+        path).expect_partial()
+    return encoder.get_weights() + scale.get_weights()
+
+
+def test_init_from_starts_at_the_source_weights_with_a_fresh_optimizer(
+        tmp_path_factory, tmp_path, monkeypatch, capsys):
+    flags = trained(tmp_path_factory)
+    source = _flag(flags, "--model_path")
+    seen = {}
+    make_train_step = model.make_train_step
+
+    def spy(encoder, scale, optimizer, config, strategy=None):
+        # Called once the weights are in place and before the first step.
+        seen["weights"] = encoder.get_weights() + scale.get_weights()
+        seen["iterations"] = int(optimizer.iterations.numpy())
+        return make_train_step(encoder, scale, optimizer, config, strategy)
+
+    monkeypatch.setattr(model, "make_train_step", spy)
+    target = tmp_path / "warm"
+    summary = model.train(configuration.parse_config(
+        flags + ["--model_path", str(target), "--init_from", source, "--iteration", "3"]))
+
+    expected = _reference_weights(flags, source)
+    assert len(seen["weights"]) == len(expected)
+    for got, want in zip(seen["weights"], expected):
+        np.testing.assert_array_equal(got, want)
+    assert seen["iterations"] == 0
+    assert summary["steps"] == 3 and len(summary["losses"]) == 3
+    assert Path(tf.train.latest_checkpoint(target / "checkpoints")).name == "ckpt-3"
+    source_ckpt = tf.train.latest_checkpoint(Path(source) / "checkpoints")
+    assert f"initialised from {source_ckpt}" in capsys.readouterr().out
+    saved = json.loads((target / "config.json").read_text())
+    assert saved["init_from"] == str(Path(source).resolve())
+
+    # --restore True resumes the run's own checkpoint: step 3 onwards, --init_from ignored.
+    seen.clear()
+    summary = model.train(configuration.parse_config(
+        flags + ["--model_path", str(target), "--init_from", source, "--restore", "True",
+                 "--iteration", "4"]))
+    assert seen["iterations"] == 3 and summary["steps"] == 4
+    assert any(np.any(got != want) for got, want in zip(seen["weights"], expected))
+    assert json.loads((target / "config.json").read_text())["init_from"] == saved["init_from"]
+
+
+def test_init_from_a_model_of_another_shape_is_refused(tmp_path_factory, tmp_path, capsys):
+    flags = trained(tmp_path_factory)
+    source = _flag(flags, "--model_path")
+    target = tmp_path / "other"
+    assert main.main(flags + ["--model_path", str(target), "--init_from", source,
+                              "--hidden", "12", "--iteration", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"error: --init_from {source}: its hidden=16 differs from this run's "
+                     f"--hidden 12")
+    assert not target.exists()
+
+
+def test_init_from_needs_a_trained_model_folder(tmp_path_factory, tmp_path, capsys):
+    flags = trained(tmp_path_factory)
+    assert main.main(flags + ["--model_path", str(tmp_path / "m"), "--init_from",
+                              str(tmp_path / "nothing"), "--iteration", "1"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    source = _flag(flags, "--model_path")
+    assert main.main(flags + ["--init_from", source, "--model_path", source,
+                              "--iteration", "1"]) == 2
+    assert "is --model_path itself" in capsys.readouterr().err
