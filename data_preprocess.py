@@ -18,62 +18,29 @@ if __name__ == "__main__":
 import argparse
 import csv
 import ctypes
-import functools
 import gc
 import glob
 import multiprocessing
 import queue
 import re
 import signal
-import struct
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import librosa
 import numpy as np
-import scipy.fft
-import soundfile as sf
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 import configuration
+import features
 import utils
 
-AUDIO_EXTENSIONS = (".wav", ".flac")
-LOG_FLOOR = 1e-6  # digital silence in the recordings must not give log(0)
 NOISE_SECONDS_PER_FILE = 30.0
 SYNTHETIC_PHRASE_PATTERN = r"phrase_\d+\.wav$"
 SPEAKER_SKIPPED = "speaker below --min_utterances"  # the kind of a skipped-speaker entry
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 PR_SET_PDEATHSIG = 1  # Linux prctl option (sys/prctl.h)
-
-
-class AudioError(ValueError):
-    """A file that cannot be used: a short kind (counted in the summary line) and the details."""
-
-    def __init__(self, kind: str, detail: str):
-        super().__init__(detail)
-        self.kind = kind
-
-
-def feature_settings(config: argparse.Namespace) -> dict:
-    """The settings that determine the stored arrays; training and test check them."""
-    return {"kind": "tdsv" if config.tdsv else "tisv", "sr": config.sr, "nfft": config.nfft,
-            "window": config.window, "hop": config.hop, "n_mels": config.n_mels,
-            "top_db": config.top_db, "tdsv_frame": config.tdsv_frame,
-            "min_frames": config.min_frames, "tdsv_phrase": config.tdsv_phrase,
-            "tdsv_pattern": config.tdsv_pattern}
-
-
-def hop_samples(config: argparse.Namespace) -> int:
-    return int(round(config.hop * config.sr))
-
-
-def window_samples(config: argparse.Namespace) -> int:
-    return int(round(config.window * config.sr))
 
 
 def find_utterances(root: str | Path) -> dict[str, list[str]]:
@@ -97,7 +64,7 @@ def find_utterances(root: str | Path) -> dict[str, list[str]]:
         speaker = relative.split(os.sep, 1)[0]
         prefix = relative.replace(os.sep, "/") + "/"
         for name in names:
-            if (os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS
+            if (os.path.splitext(name)[1].lower() in features.AUDIO_EXTENSIONS
                     and os.path.isfile(os.path.join(folder, name))):
                 tree.setdefault(speaker, []).append(prefix + name)
     if not tree:
@@ -140,220 +107,9 @@ def select_phrase(tree: dict[str, list[str]], transcripts: dict[str, str], phras
     return selected
 
 
-def wav_truncation(path: str | Path) -> str | None:
-    """Why a RIFF/WAVE file is cut short (its data chunk runs past the end), else None."""
-    with open(path, "rb") as handle:
-        header = handle.read(12)
-        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
-            return None
-        size = Path(path).stat().st_size
-        position = 12
-        while position + 8 <= size:
-            handle.seek(position)
-            chunk_id, length = struct.unpack("<4sI", handle.read(8))
-            if chunk_id == b"data":
-                # 0 and 0xFFFFFFFF are placeholders of streaming writers, not a promise.
-                if 0 < length < 0xFFFFFFFF and position + 8 + length > size:
-                    return (f"the data chunk declares {length} bytes but the file holds "
-                            f"{size - position - 8}")
-                return None
-            position += 8 + length + (length & 1)
-    return None
-
-
-def load_audio(path: str | Path, sr: int) -> np.ndarray:
-    """Mono float32 waveform at sr: any channel count, sample format or rate; soxr resampling."""
-    try:
-        # libsndfile silently reads what is left of a truncated WAV; a cut recording is a bad file.
-        truncated = wav_truncation(path)
-        wav, file_sr = sf.read(path, dtype="float32", always_2d=True)
-    except sf.LibsndfileError as error:
-        raise AudioError("unreadable", f"not readable audio ({error.error_string.strip()})"
-                         ) from None
-    except (RuntimeError, OSError) as error:
-        raise AudioError("unreadable", f"not readable audio ({str(error).splitlines()[0]})") from None
-    if truncated:
-        raise AudioError("truncated", f"truncated: {truncated}")
-    if wav.shape[0] == 0:
-        raise AudioError("empty", "no samples")
-    wav = wav[:, 0] if wav.shape[1] == 1 else wav.mean(axis=1)
-    # One fast reduction first; the elementwise check only when the sum is not finite (a sum
-    # of huge but finite samples can overflow).
-    if not np.isfinite(wav.sum()) and not np.all(np.isfinite(wav)):
-        raise AudioError("non-finite", "NaN or Inf samples")
-    if file_sr != sr:
-        wav = librosa.resample(wav, orig_sr=file_sr, target_sr=sr, res_type="soxr_hq")
-    if max(wav.max(), -wav.min()) < 1e-5:
-        raise AudioError("silent", "silent (peak below -100 dBFS)")
-    return np.ascontiguousarray(wav, dtype=np.float32)
-
-
-def speed_perturb(wav: np.ndarray, factor: float, sr: int) -> np.ndarray:
-    """wav played `factor` times faster (tempo and pitch, as sox's speed): read as if sampled at
-    sr * factor, resampled back to sr."""
-    return librosa.resample(wav, orig_sr=sr * factor, target_sr=sr, res_type="soxr_hq")
-
-
 def perturbed_name(speaker: str, factor: float) -> str:
     """The new speaker that --speed_perturb makes of `speaker` at `factor`."""
     return f"{speaker}_sp{factor:g}"
-
-
-def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
-    """Slaney's mel scale (librosa's default): linear below 1 kHz, logarithmic above."""
-    hz = np.asarray(hz, dtype=np.float64)
-    log_part = 15.0 + np.log(np.maximum(hz, 1000.0) / 1000.0) / (np.log(6.4) / 27.0)
-    return np.where(hz >= 1000.0, log_part, hz / (200.0 / 3))
-
-
-def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
-    log_part = 1000.0 * np.exp(np.log(6.4) / 27.0 * (mel - 15.0))
-    return np.where(mel >= 15.0, log_part, mel * (200.0 / 3))
-
-
-@functools.lru_cache(maxsize=8)
-def mel_basis(sr: int, nfft: int, n_mels: int) -> np.ndarray:
-    """[n_mels, nfft // 2 + 1] Slaney-normalised triangular filters, as librosa.filters.mel.
-
-    Written in numpy because librosa.filters imports scipy.signal and numba: a second of start-up
-    in every --workers process."""
-    edges = _mel_to_hz(np.linspace(0.0, _hz_to_mel(sr / 2.0), n_mels + 2))
-    ramps = edges[:, None] - np.fft.rfftfreq(nfft, 1.0 / sr)[None, :]
-    widths = np.diff(edges)
-    rising = -ramps[:-2] / widths[:-1, None]
-    falling = ramps[2:] / widths[1:, None]
-    weights = np.maximum(0.0, np.minimum(rising, falling))
-    return (weights * (2.0 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=8)
-def _interleaved_mel_basis(sr: int, nfft: int, n_mels: int) -> np.ndarray:
-    """mel_basis.T with each row twice, for the interleaved (re, im) squares of an rfft."""
-    return np.ascontiguousarray(np.repeat(mel_basis(sr, nfft, n_mels).T, 2, axis=0))
-
-
-@functools.lru_cache(maxsize=8)
-def hann_window(length: int) -> np.ndarray:
-    """Periodic Hann window, as librosa's get_window('hann', fftbins=True)."""
-    return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(length) / length)).astype(np.float32)
-
-
-def frames(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
-    """[..., 1 + samples // hop, nfft] strided view of wav (no copy): frames centred on
-    multiples of the hop, zero-padded at the ends, as librosa's stft and rms (center=True)."""
-    half = config.nfft // 2
-    padded = np.zeros((*wav.shape[:-1], wav.shape[-1] + 2 * half), np.float32)
-    padded[..., half:half + wav.shape[-1]] = wav
-    view = np.lib.stride_tricks.sliding_window_view(padded, config.nfft, axis=-1)
-    return view[..., ::hop_samples(config), :]
-
-
-def frames_log_mel(framed: np.ndarray, config: argparse.Namespace,
-                   keep: np.ndarray | None = None) -> np.ndarray:
-    """log10 mel power [..., frames, n_mels] of frames from frames() (only the `keep` ones if
-    given): the original recipe (Hann window centred in nfft, |FFT|^2, mel, log10) in float32."""
-    length = window_samples(config)
-    offset = (config.nfft - length) // 2
-    # The FFT zero-pads the window at the end instead of around it: a circular shift, which
-    # leaves the power spectrum unchanged.
-    windowed = framed[..., offset:offset + length]
-    if keep is None:
-        windowed = windowed * hann_window(length)
-    else:
-        windowed = windowed[keep]
-        windowed *= hann_window(length)
-    spectrum = scipy.fft.rfft(windowed, n=config.nfft, axis=-1)
-    squares = spectrum.view(np.float32)
-    np.square(squares, out=squares)
-    mel = squares @ _interleaved_mel_basis(config.sr, config.nfft, config.n_mels)
-    return np.log10(mel + LOG_FLOOR, out=mel)
-
-
-def log_mel(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
-    """log10 mel power spectrogram [..., frames, n_mels] of wav [..., samples] (original recipe)."""
-    return frames_log_mel(frames(np.asarray(wav, dtype=np.float32), config), config)
-
-
-def voiced_frames(framed: np.ndarray, n_samples: int, config: argparse.Namespace) -> np.ndarray:
-    """The frames librosa's VAD (effects.split: frame RMS within --top_db of the loudest) keeps,
-    as a boolean mask over frames(wav) of a mono wav."""
-    rms = np.sqrt(np.einsum("ij,ij->i", framed, framed) / config.nfft)
-    power = np.maximum(rms * rms, 1e-10)  # as librosa's amplitude_to_db (amin 1e-5 squared)
-    db = 10.0 * np.log10(power) - 10.0 * np.log10(power.max())
-    keep = db > -config.top_db
-    # effects.split clips the last interval at the signal's end; the conversion back to frames
-    # then drops the last frame when it starts exactly at the end.
-    if n_samples % hop_samples(config) == 0:
-        keep[-1] = False
-    return keep
-
-
-def voiced_features(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
-    """Log-mel frames of the intervals that librosa's VAD (effects.split) keeps."""
-    framed = frames(wav, config)
-    keep = voiced_frames(framed, len(wav), config)
-    if keep.sum() < config.min_frames:
-        raise AudioError("too short", f"too short: {keep.sum()} voiced frames, expected at "
-                                      f"least --min_frames {config.min_frames}")
-    return frames_log_mel(framed, config, keep)
-
-
-def phrase_span(wav: np.ndarray, config: argparse.Namespace) -> tuple[int, int]:
-    """(start, end) samples of the phrase: as librosa.effects.trim, from the first to the end of
-    the last frame the VAD keeps."""
-    hop = hop_samples(config)
-    kept = np.flatnonzero(voiced_frames(frames(wav, config), len(wav), config))
-    start, end = (kept[0] * hop, min(len(wav), (kept[-1] + 1) * hop)) if kept.size else (0, 0)
-    if end - start < config.min_frames * hop // 4:
-        raise AudioError("too short", f"too short: {end - start} voiced samples, expected at "
-                                      f"least {config.min_frames * hop // 4} (--min_frames / 4)")
-    return start, end
-
-
-def centred_phrase(wav: np.ndarray, span: tuple[int, int], config: argparse.Namespace
-                   ) -> np.ndarray:
-    """The window of exactly --tdsv_frame frames centred on span (a longer phrase is cut)."""
-    length = (config.tdsv_frame - 1) * hop_samples(config)
-    centre = (span[0] + span[1]) // 2
-    lo = max(0, min(centre - length // 2, len(wav) - length))
-    segment = wav[lo:lo + length]
-    return np.pad(segment, (0, length - len(segment))).astype(np.float32)
-
-
-def phrase_waveform(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
-    """The phrase trimmed by VAD, centred in a window of exactly --tdsv_frame frames."""
-    return centred_phrase(wav, phrase_span(wav, config), config)
-
-
-def phrase_frames(span: tuple[int, int], config: argparse.Namespace) -> int:
-    """The --tdsv_frame that just holds the phrase span: a window of n frames spans n - 1 hops."""
-    return 1 + int(-(-(span[1] - span[0]) // hop_samples(config)))
-
-
-def inference_features(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
-    """Features of one recording as the model saw them in training: VAD'd log-mel (TI-SV) or
-    the log-mel of the trimmed, fixed-length phrase (TD-SV)."""
-    if config.tdsv:
-        return log_mel(phrase_waveform(wav, config), config)
-    return voiced_features(wav, config)
-
-
-def files_inference_features(paths: list[str | Path], config: argparse.Namespace
-                             ) -> list[np.ndarray | AudioError]:
-    """inference_features of each audio file, on one thread per core (decoding and the FFT
-    release the GIL); a file that cannot be used gives its AudioError in its place."""
-    def one(path):
-        try:
-            return inference_features(load_audio(path, config.sr), config)
-        except AudioError as error:
-            return error
-
-    _keep_freed_memory()  # the threads share one address space, so their page faults contend
-    # BLAS threads only slow the small mel matmuls down, and spin against the other threads.
-    with threadpool_limits(limits=1, user_api="blas"), \
-            ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        return list(tqdm(pool.map(one, paths), total=len(paths), desc="features", unit="file",
-                         dynamic_ncols=True, disable=len(paths) < 2))
 
 
 def split_speakers(speakers: list[str], test_ratio: float, seed: int, folds: int = 0,
@@ -387,7 +143,7 @@ def run_jobs(jobs: list[tuple], workers: int) -> Iterator[tuple]:
     """_speaker_job of each job, in the order they finish: in this process with --workers 1,
     else in `workers` processes (one start for both splits: a start costs up to a second)."""
     if workers == 1:
-        _keep_freed_memory()
+        features.keep_freed_memory()
         yield from map(_speaker_job, jobs)
         return
     context = _worker_context()
@@ -458,23 +214,12 @@ def _worker_start() -> None:
     against the other workers; set once, as each call scans the loaded libraries), freed memory
     kept."""
     threadpool_limits(limits=1, user_api="blas")
-    _keep_freed_memory()
-
-
-def _keep_freed_memory() -> None:
-    """Keep freed heap memory for the next file (glibc only; elsewhere a no-op). By default the
-    per-file buffers (0.1-2 MB each) are returned to the system and page-faulted in again for
-    every file: 86,000 faults on speechocean762 against 11,000, and half the system time."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
-    if mallopt is not None:
-        # Both fixed, or glibc's dynamic thresholds stay on for the other (more faults, not fewer).
-        mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum on 64-bit
-        mallopt(M_TRIM_THRESHOLD, 512 << 20)
+    features.keep_freed_memory()
 
 
 def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], out_dir: Path,
                      config: argparse.Namespace) -> tuple[str, bool, list[dict]]:
-    settings = feature_settings(config)
+    settings = features.feature_settings(config)
     if speed != 1.0:
         speaker = perturbed_name(speaker, speed)
         settings["speed"] = speed
@@ -485,17 +230,17 @@ def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], ou
     arrays, kept, skipped, spans = [], [], [], []
     for relative in paths:
         try:
-            wav = load_audio(Path(root) / relative, config.sr)
+            wav = features.load_audio(Path(root) / relative, config.sr)
             if speed != 1.0:
-                wav = speed_perturb(wav, speed, config.sr)
+                wav = features.speed_perturb(wav, speed, config.sr)
             if config.tdsv:
-                span = phrase_span(wav, config)
-                arrays.append(centred_phrase(wav, span, config))
-                spans.append(phrase_frames(span, config))
+                span = features.phrase_span(wav, config)
+                arrays.append(features.centred_phrase(wav, span, config))
+                spans.append(features.phrase_frames(span, config))
             else:
-                arrays.append(voiced_features(wav, config))
+                arrays.append(features.voiced_features(wav, config))
             kept.append(relative)
-        except AudioError as error:
+        except features.AudioError as error:
             # Each speed copy of a bad file is its own entry: one per file written (or not).
             skipped.append({"path": relative, "kind": error.kind, "reason": str(error),
                             **({"speed": speed} if speed != 1.0 else {})})
@@ -510,7 +255,8 @@ def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], ou
         utils.atomic_save_npy(out_dir / f"{speaker}.npy", stacked)
     utils.atomic_save_json(sidecar, {
         "settings": settings, "paths": paths, "utterances": kept, "skipped": skipped,
-        "lengths": [len(a) for a in arrays], **({"phrase_frames": spans} if config.tdsv else {})})
+        "lengths": [len(a) for a in arrays],
+        **({"phrase_frames": spans} if config.tdsv else {})})
     return speaker, usable, skipped
 
 
@@ -547,7 +293,7 @@ def skip_summary(skipped: list[dict]) -> str:
 def find_noise_files(noise_path: str | Path) -> list[tuple[Path, Path | None]]:
     """(noise or noisy file, clean partner or None) for every audio file under noise_path."""
     files = sorted(p for p in Path(noise_path).rglob("*")
-                   if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+                   if p.suffix.lower() in features.AUDIO_EXTENSIONS and p.is_file())
     if not files:
         raise FileNotFoundError(f"--noise_path {noise_path}: no .wav or .flac files")
     by_name = {p.name: p for p in files}
@@ -567,17 +313,17 @@ def build_noise(config: argparse.Namespace) -> tuple[np.ndarray, list[dict]]:
     limit = int(NOISE_SECONDS_PER_FILE * config.sr)
     for noisy, clean in find_noise_files(config.noise_path)[:config.noise_filenum]:
         try:
-            noise = load_audio(noisy, config.sr)
+            noise = features.load_audio(noisy, config.sr)
             if clean is not None:
-                reference = load_audio(clean, config.sr)
+                reference = features.load_audio(clean, config.sr)
                 n = min(len(noise), len(reference))
                 noise = noise[:n] - reference[:n]
             noise = noise[:limit]
             rms = float(np.sqrt(np.mean(noise ** 2)))
             if rms < 1e-6:
-                raise AudioError("no noise", "noisy and clean files are identical")
+                raise features.AudioError("no noise", "noisy and clean files are identical")
             pieces.append(noise / rms)
-        except AudioError as error:
+        except features.AudioError as error:
             skipped.append({"path": str(noisy), "kind": error.kind, "reason": str(error)})
     if not pieces:
         raise ValueError(f"--noise_path {config.noise_path}: no usable noise file")
@@ -658,7 +404,7 @@ def preprocess(config: argparse.Namespace) -> dict:
                                                    config.folds, config.fold)
     sharded = config.num_shards > 1
 
-    summary = {"source": str(Path(root).resolve()), "settings": feature_settings(config)}
+    summary = {"source": str(Path(root).resolve()), "settings": features.feature_settings(config)}
     splits = {}
     jobs = []
     for split, speakers, out_dir in (("train", train_speakers, config.train_path),
@@ -689,7 +435,7 @@ def preprocess(config: argparse.Namespace) -> dict:
             skipped[split].extend(bad)
     for split, (out_dir, speakers, copies) in splits.items():
         # Sorted: with --workers > 1 speakers finish in any order, the manifest must not vary.
-        manifest = {"settings": feature_settings(config), "source": summary["source"],
+        manifest = {"settings": features.feature_settings(config), "source": summary["source"],
                     "split": split, "speakers": sorted(usable[split]),
                     "skipped": sorted(skipped[split], key=lambda entry: entry["path"])}
         if split == "train" and config.tdsv and config.noise_path and config.shard == 0:

@@ -11,7 +11,7 @@ import numpy as np
 import scipy.signal
 import tensorflow as tf
 
-import data_preprocess
+import features
 
 # Settings that must agree between the stored arrays and the model that reads them.
 CHECKED_SETTINGS = ("sr", "nfft", "window", "hop", "n_mels", "tdsv_frame")
@@ -126,7 +126,7 @@ class SpeakerStore:
     def test_utterances(self, speaker: str) -> list[np.ndarray]:
         """Clean log-mel frames of every utterance of a speaker."""
         if self.tdsv:
-            return list(data_preprocess.log_mel(np.asarray(self.array(speaker)), self.config))
+            return list(features.log_mel(np.asarray(self.array(speaker)), self.config))
         return [np.asarray(self.utterance(speaker, i)) for i in range(self.num_utterances(speaker))]
 
 
@@ -264,13 +264,13 @@ def sample_batch(store: SpeakerStore, config: argparse.Namespace, step: int) -> 
         rms = np.sqrt(np.mean(clean ** 2, axis=1, keepdims=True))
         snr = rng.uniform(*config.snr_db, (len(clean), 1))
         noisy = clean + _noise(store, clean.shape, rng) * rms * 10.0 ** (-snr / 20.0)
-        features = data_preprocess.log_mel(noisy.astype(np.float32), config)
+        batch = features.log_mel(noisy.astype(np.float32), config)
     else:
         length = int(rng.integers(config.tisv_frame_min, config.tisv_frame + 1))
-        features = _crops(store, picks, length, rng)
+        batch = _crops(store, picks, length, rng)
     if any(config.spec_augment):
-        features = spec_augment(features, *config.spec_augment, rng)
-    return features
+        batch = spec_augment(batch, *config.spec_augment, rng)
+    return batch
 
 
 def training_batches(store: SpeakerStore, config: argparse.Namespace, start_step: int

@@ -9,8 +9,8 @@ import numpy as np
 from tqdm import tqdm
 
 import configuration
-import data_preprocess
 import dataset
+import features
 import model
 import plots
 import utils
@@ -32,11 +32,11 @@ def embed_files(embed, root: Path, names: list[str], config: argparse.Namespace
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: named in the trial list but not found")
-    features = data_preprocess.files_inference_features(paths, config)
-    for path, result in zip(paths, features):
-        if isinstance(result, data_preprocess.AudioError):
+    utterances = features.files_inference_features(paths, config)
+    for path, result in zip(paths, utterances):
+        if isinstance(result, features.AudioError):
             raise ValueError(f"{path}: {result}")
-    vectors = model.utterance_d_vectors(embed, features, config.window_frames)
+    vectors = model.utterance_d_vectors(embed, utterances, config.window_frames)
     return dict(zip(names, vectors))
 
 

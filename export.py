@@ -13,30 +13,30 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import data_preprocess
+import features
 import model
 
 
 def _centred_window(config: argparse.Namespace) -> np.ndarray:
     """librosa's Hann window of --window samples, zero-padded to nfft around the frame centre."""
-    length = data_preprocess.window_samples(config)
+    length = features.window_samples(config)
     left = (config.nfft - length) // 2
-    return np.pad(data_preprocess.hann_window(length), (left, config.nfft - length - left))
+    return np.pad(features.hann_window(length), (left, config.nfft - length - left))
 
 
 def tf_frames(wav: tf.Tensor, config: argparse.Namespace) -> tf.Tensor:
     """Centred, zero-padded frames of nfft samples every hop (librosa's center=True framing)."""
     half = config.nfft // 2
     padded = tf.pad(wav, [[half, half]])
-    return tf.signal.frame(padded, config.nfft, data_preprocess.hop_samples(config))
+    return tf.signal.frame(padded, config.nfft, features.hop_samples(config))
 
 
 def tf_log_mel(wav: tf.Tensor, config: argparse.Namespace) -> tf.Tensor:
-    """log10 mel power spectrogram [frames, n_mels], matching data_preprocess.log_mel."""
+    """log10 mel power spectrogram [frames, n_mels], matching features.log_mel."""
     frames = tf_frames(wav, config) * _centred_window(config)
     power = tf.abs(tf.signal.rfft(frames, [config.nfft])) ** 2
-    basis = data_preprocess.mel_basis(config.sr, config.nfft, config.n_mels)
-    return tf.math.log(tf.matmul(power, basis.T) + data_preprocess.LOG_FLOOR) / np.log(10.0)
+    basis = features.mel_basis(config.sr, config.nfft, config.n_mels)
+    return tf.math.log(tf.matmul(power, basis.T) + features.LOG_FLOOR) / np.log(10.0)
 
 
 def tf_voiced_mask(wav: tf.Tensor, config: argparse.Namespace) -> tf.Tensor:
@@ -83,7 +83,7 @@ def export(config: argparse.Namespace) -> Path:
     config, encoder = model.load_trained(config)
     if config.tdsv:
         raise ValueError("--export supports TI-SV models (a TD-SV model needs the phrase "
-                         "trimming of data_preprocess.phrase_waveform, not ported to tf.signal)")
+                         "trimming of features.phrase_waveform, not ported to tf.signal)")
     module = DVectorModule(encoder, config)
     out = Path(config.export)
     # Keras 3 variables are restored correctly only when the archive tracks the Keras model.

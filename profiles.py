@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-import data_preprocess
+import features
 import model
 import utils
 
@@ -23,12 +23,12 @@ def files_features(paths: list[str | Path], config: argparse.Namespace
     ValueError naming it in its place."""
     paths = [Path(p) for p in paths]
     readable = [p for p in paths if p.is_file()]
-    found = dict(zip(readable, data_preprocess.files_inference_features(readable, config)))
+    found = dict(zip(readable, features.files_inference_features(readable, config)))
     results = []
     for path in paths:
         if path not in found:
             results.append(ValueError(f"{path}: no such audio file"))
-        elif isinstance(found[path], data_preprocess.AudioError):
+        elif isinstance(found[path], features.AudioError):
             results.append(ValueError(f"{path}: {found[path]}"))
         else:
             results.append(found[path])
@@ -153,7 +153,7 @@ def embed_folder(config: argparse.Namespace) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"--audio_path {root}: not a folder")
     files = sorted(p for p in root.rglob("*")
-                   if p.suffix.lower() in data_preprocess.AUDIO_EXTENSIONS and p.is_file())
+                   if p.suffix.lower() in features.AUDIO_EXTENSIONS and p.is_file())
     if not files:
         raise FileNotFoundError(f"--audio_path {root}: no .wav or .flac files")
     names, features, skipped = [], [], []

@@ -16,6 +16,7 @@ from robust_corpus import SR, TINY, copy_split, preprocessed, speech_like, train
 
 import configuration
 import data_preprocess
+import features
 import main
 import model
 
@@ -163,10 +164,10 @@ def test_summary_line_counts_reasons(matrix):
 def test_channels_rates_and_sample_types_load_alike(tmp_path):
     wav = speech_like(seed=3)
     write_format(tmp_path / "ref.wav", wav)
-    reference = data_preprocess.load_audio(tmp_path / "ref.wav", SR)
+    reference = features.load_audio(tmp_path / "ref.wav", SR)
     for name in GOOD_FILES:
         write_format(tmp_path / name, wav)
-        loaded = data_preprocess.load_audio(tmp_path / name, SR)
+        loaded = features.load_audio(tmp_path / name, SR)
         assert loaded.dtype == np.float32 and loaded.ndim == 1
         assert abs(len(loaded) - len(reference)) <= 2, name
         n = min(len(loaded), len(reference))

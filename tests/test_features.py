@@ -1,24 +1,28 @@
 """Issue #5, features: the single-framing-pass log-mel and VAD equal the original librosa recipe
 (librosa.stft + mel + log10, and librosa.effects.split intervals), frame for frame."""
 
+import ast
 import json
+from pathlib import Path
 
 import librosa
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import REPO
 
 import configuration
 import data_preprocess
+import features
 
 CONFIG = configuration.parse_config([])
 
 
 def reference_log_mel(wav: np.ndarray) -> np.ndarray:
     """The original recipe, written with librosa's stft."""
-    hop = data_preprocess.hop_samples(CONFIG)
+    hop = features.hop_samples(CONFIG)
     spectrum = librosa.stft(wav, n_fft=CONFIG.nfft, hop_length=hop,
-                            win_length=data_preprocess.window_samples(CONFIG), center=True,
+                            win_length=features.window_samples(CONFIG), center=True,
                             pad_mode="constant")
     basis = librosa.filters.mel(sr=CONFIG.sr, n_fft=CONFIG.nfft, n_mels=CONFIG.n_mels)
     return np.swapaxes(np.log10(basis @ np.abs(spectrum) ** 2 + 1e-6), -1, -2)
@@ -26,13 +30,13 @@ def reference_log_mel(wav: np.ndarray) -> np.ndarray:
 
 def reference_voiced_features(wav: np.ndarray) -> np.ndarray:
     """Frames inside librosa.effects.split's intervals (sample intervals back to frames)."""
-    hop = data_preprocess.hop_samples(CONFIG)
-    features = reference_log_mel(wav)
-    keep = np.zeros(len(features), dtype=bool)
+    hop = features.hop_samples(CONFIG)
+    log_mel = reference_log_mel(wav)
+    keep = np.zeros(len(log_mel), dtype=bool)
     for start, end in librosa.effects.split(wav, top_db=CONFIG.top_db, frame_length=CONFIG.nfft,
                                             hop_length=hop):
         keep[start // hop:-(-end // hop)] = True
-    return features[keep]
+    return log_mel[keep]
 
 
 def bursts(samples: int, seed: int) -> np.ndarray:
@@ -47,13 +51,13 @@ def bursts(samples: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("samples", [16000, 16160, 16001, 24159, 400])
 def test_log_mel_equals_librosa_stft_recipe(samples):
     wav = bursts(samples, samples)
-    np.testing.assert_allclose(data_preprocess.log_mel(wav, CONFIG), reference_log_mel(wav),
+    np.testing.assert_allclose(features.log_mel(wav, CONFIG), reference_log_mel(wav),
                                atol=1e-4)
 
 
 def test_batched_log_mel_equals_one_at_a_time():
     batch = np.stack([bursts(12800, seed) for seed in range(3)])
-    ours = data_preprocess.log_mel(batch, CONFIG)
+    ours = features.log_mel(batch, CONFIG)
     assert ours.shape == (3, 81, CONFIG.n_mels)
     for row, wav in zip(ours, batch):
         np.testing.assert_allclose(row, reference_log_mel(wav), atol=1e-4)
@@ -65,7 +69,7 @@ def test_voiced_features_equal_effects_split(samples, seed):
     wav = bursts(samples, seed)
     wav[-800:] = 0.4 * np.sin(np.arange(800))  # loud to the very end
     reference = reference_voiced_features(wav)
-    ours = data_preprocess.voiced_features(wav, CONFIG)
+    ours = features.voiced_features(wav, CONFIG)
     assert 0 < len(ours) < len(reference_log_mel(wav))
     assert ours.shape == reference.shape
     np.testing.assert_allclose(ours, reference, atol=1e-4)
@@ -77,10 +81,10 @@ def test_voiced_features_of_real_recordings_equal_effects_split(shared_data):
     files += sorted((shared_data / "fsdd").rglob("*.flac"))[::600]
     config = configuration.parse_config(["--min_frames", "1"])  # short digits included
     for file in files:
-        wav = data_preprocess.load_audio(file, CONFIG.sr)
+        wav = features.load_audio(file, CONFIG.sr)
         for cut in (wav, wav[:len(wav) // 160 * 160]):
             reference = reference_voiced_features(cut)
-            ours = data_preprocess.voiced_features(cut, config)
+            ours = features.voiced_features(cut, config)
             assert ours.shape == reference.shape, file
             np.testing.assert_allclose(ours, reference, atol=1e-4, err_msg=str(file))
 
@@ -88,7 +92,7 @@ def test_voiced_features_of_real_recordings_equal_effects_split(shared_data):
 @pytest.mark.parametrize("sr, nfft, n_mels", [(16000, 512, 40), (8000, 256, 40), (22050, 2048, 128),
                                               (16000, 400, 24)])
 def test_mel_basis_equals_librosa(sr, nfft, n_mels):
-    ours = data_preprocess.mel_basis(sr, nfft, n_mels)
+    ours = features.mel_basis(sr, nfft, n_mels)
     assert ours.dtype == np.float32
     np.testing.assert_allclose(ours, librosa.filters.mel(sr=sr, n_fft=nfft, n_mels=n_mels),
                                rtol=1e-5, atol=1e-9)
@@ -96,13 +100,13 @@ def test_mel_basis_equals_librosa(sr, nfft, n_mels):
 
 @pytest.mark.parametrize("length", [400, 401, 160])
 def test_hann_window_equals_librosa(length):
-    np.testing.assert_allclose(data_preprocess.hann_window(length),
+    np.testing.assert_allclose(features.hann_window(length),
                                librosa.filters.get_window("hann", length, fftbins=True), atol=1e-7)
 
 
 def reference_phrase_waveform(wav: np.ndarray, config) -> np.ndarray:
     """phrase_waveform with librosa.effects.trim finding the phrase."""
-    hop = data_preprocess.hop_samples(config)
+    hop = features.hop_samples(config)
     length = (config.tdsv_frame - 1) * hop
     _, (start, end) = librosa.effects.trim(wav, top_db=config.top_db, frame_length=config.nfft,
                                            hop_length=hop)
@@ -115,7 +119,7 @@ def reference_phrase_waveform(wav: np.ndarray, config) -> np.ndarray:
 def test_phrase_waveform_equals_librosa_trim(samples, seed):
     config = configuration.parse_config(["--min_frames", "1"])
     wav = bursts(samples, seed)
-    np.testing.assert_array_equal(data_preprocess.phrase_waveform(wav, config),
+    np.testing.assert_array_equal(features.phrase_waveform(wav, config),
                                   reference_phrase_waveform(wav, config))
 
 
@@ -124,8 +128,8 @@ def test_phrase_waveform_of_real_recordings_equals_librosa_trim(shared_data):
     files = sorted((shared_data / "dspspeech20").rglob("*.flac"))[::40]
     files += sorted((shared_data / "fsdd").rglob("*.flac"))[::300]
     for file in files:
-        wav = data_preprocess.load_audio(file, CONFIG.sr)
-        np.testing.assert_array_equal(data_preprocess.phrase_waveform(wav, config),
+        wav = features.load_audio(file, CONFIG.sr)
+        np.testing.assert_array_equal(features.phrase_waveform(wav, config),
                                       reference_phrase_waveform(wav, config), err_msg=str(file))
 
 
@@ -133,11 +137,11 @@ def test_phrase_waveform_of_real_recordings_equals_librosa_trim(shared_data):
 def test_phrase_frames_count_the_librosa_trim_span(samples, seed):
     config = configuration.parse_config(["--min_frames", "1"])
     wav = bursts(samples, seed)
-    hop = data_preprocess.hop_samples(config)
+    hop = features.hop_samples(config)
     _, (start, end) = librosa.effects.trim(wav, top_db=config.top_db, frame_length=config.nfft,
                                            hop_length=hop)
-    span = data_preprocess.phrase_span(wav, config)
-    frames = data_preprocess.phrase_frames(span, config)
+    span = features.phrase_span(wav, config)
+    frames = features.phrase_frames(span, config)
     assert frames == 1 + -(-(end - start) // hop)
     # The window of exactly that many frames holds the phrase; one frame fewer cuts it.
     for tdsv_frame, cut in ((frames, False), (frames - 1, True)):
@@ -206,7 +210,7 @@ def test_tdsv_manifest_counts_phrases_longer_than_the_window(tmp_path, capsys):
 def test_speed_perturb_scales_pitch_and_duration(factor):
     sr, seconds, pitch = 16000, 2.0, 200.0
     wav = np.sin(2 * np.pi * pitch * np.arange(int(seconds * sr)) / sr).astype(np.float32)
-    perturbed = data_preprocess.speed_perturb(wav, factor, sr)
+    perturbed = features.speed_perturb(wav, factor, sr)
     assert abs(len(perturbed) - len(wav) / factor) <= 1
     spectrum = np.abs(np.fft.rfft(perturbed * np.hanning(len(perturbed))))
     peak_hz = np.argmax(spectrum) * sr / len(perturbed)
@@ -261,3 +265,22 @@ def test_speed_perturb_lists_a_bad_file_once_per_copy(tmp_path):
     entries = [e for e in manifest["skipped"] if e["path"] == str(bad.relative_to(audio))]
     assert sorted(e.get("speed", 1.0) for e in entries) == [0.9, 1.0, 1.1]
     assert all(e["kind"] == "unreadable" for e in entries)
+
+
+def _project_imports(path: Path) -> set[str]:
+    modules = {p.stem for p in REPO.glob("*.py")}
+    tree = ast.parse(path.read_text())
+    names = {alias.name.split(".")[0] for node in ast.walk(tree)
+             if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    names |= {node.module.split(".")[0] for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom) and node.module}
+    return names & modules
+
+
+def test_features_sit_at_the_bottom_of_the_import_graph():
+    # features.py is audio in, features out: it needs no other module of the project, and no
+    # module reaches features through the preprocessing command line.
+    assert _project_imports(REPO / "features.py") == set()
+    importers = {p.name for p in REPO.glob("*.py")
+                 if "data_preprocess" in _project_imports(p) and p.name != "data_preprocess.py"}
+    assert importers == set()

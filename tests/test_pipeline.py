@@ -8,6 +8,7 @@ from conftest import link_subset
 
 import configuration
 import data_preprocess
+import features
 import main
 import model
 
@@ -84,7 +85,7 @@ def test_preprocess_real_flac_tisv(shared_data, tmp_path):
     assert features.shape == (sum(sidecar["lengths"]), 40)
     assert np.all(np.isfinite(features))
     # VAD removed silence: fewer frames than the 10 ms grid of the whole files.
-    seconds = sum(data_preprocess.load_audio(root / p, 16000).size / 16000
+    seconds = sum(features.load_audio(root / p, 16000).size / 16000
                   for p in sidecar["utterances"])
     assert features.shape[0] < seconds * 100
 
@@ -111,7 +112,7 @@ def test_preprocess_fsdd_resamples_8k(shared_data, tmp_path):
     flags = ["--audio_path", str(root), "--train_path", str(tmp_path / "train"),
              "--test_path", str(tmp_path / "test"), "--min_frames", "20"]
     assert data_preprocess.main(flags) == 0
-    wav = data_preprocess.load_audio(next(root.rglob("*.flac")), 16000)
+    wav = features.load_audio(next(root.rglob("*.flac")), 16000)
     import soundfile
     assert wav.size == pytest.approx(2 * soundfile.info(next(root.rglob("*.flac"))).frames, abs=2)
 

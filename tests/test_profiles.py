@@ -17,6 +17,7 @@ from conftest import REPO, link_subset
 import configuration
 import data_preprocess
 import export
+import features
 import main
 import model
 import profiles
@@ -29,13 +30,13 @@ def _flag(flags, name):
 def test_tf_log_mel_matches_librosa(shared_data):
     config = configuration.parse_config([])
     for path in sorted((shared_data / "dspspeech20").rglob("*.flac"))[:3]:
-        wav = data_preprocess.load_audio(path, config.sr)
-        reference = data_preprocess.log_mel(wav, config)
+        wav = features.load_audio(path, config.sr)
+        reference = features.log_mel(wav, config)
         ours = export.tf_log_mel(tf.constant(wav), config).numpy()
         assert ours.shape == reference.shape
         np.testing.assert_allclose(ours, reference, atol=1e-4)
         voiced = export.tf_voiced_mask(tf.constant(wav), config).numpy()
-        assert abs(int(voiced.sum()) - len(data_preprocess.voiced_features(wav, config))) <= 1
+        assert abs(int(voiced.sum()) - len(features.voiced_features(wav, config))) <= 1
 
 
 @pytest.mark.parametrize("n_frames", [40, 159, 160, 161, 239, 240, 500])

@@ -85,16 +85,16 @@ def test_workers_fork_only_without_tensorflow(monkeypatch):
 PAGE_FAULTS_OF_FEATURES = """
 import resource, sys
 import numpy as np
-import configuration, data_preprocess
+import configuration, features
 config = configuration.parse_config([])
 rng = np.random.default_rng(0)
 wavs = [0.1 * rng.standard_normal(int(16000 * s)).astype(np.float32) for s in rng.uniform(2, 8, 12)]
 if sys.argv[1] == "keep":
-    data_preprocess._keep_freed_memory()
-data_preprocess.voiced_features(wavs[0], config)
+    features.keep_freed_memory()
+features.voiced_features(wavs[0], config)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for wav in wavs * 3:
-    data_preprocess.voiced_features(wav, config)
+    features.voiced_features(wav, config)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 

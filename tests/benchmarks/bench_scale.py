@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 import configuration  # noqa: E402
 import data_preprocess  # noqa: E402
+import features  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "speechocean762"
 VOX2 = {"speakers": 6000, "utterances": 1_000_000, "min_frames": 300, "max_frames": 1300}
@@ -59,7 +60,7 @@ def write_vox2_shaped(folder: Path, seed: int = 0) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     config = configuration.parse_config([])
-    settings = data_preprocess.feature_settings(config)
+    settings = features.feature_settings(config)
     counts = rng.multinomial(VOX2["utterances"], np.full(VOX2["speakers"], 1 / VOX2["speakers"]))
     speakers = [f"id{s:05d}" for s in range(VOX2["speakers"])]
     frames = 0
@@ -172,7 +173,7 @@ def _per_file_work(files: list[Path]) -> None:
     data_preprocess._worker_start()  # as each --workers process starts
     config = configuration.parse_config([])
     for file in files:
-        data_preprocess.voiced_features(data_preprocess.load_audio(file, config.sr), config)
+        features.voiced_features(features.load_audio(file, config.sr), config)
 
 
 def bench_two_process_ceiling(audio: Path, rounds: int) -> dict:
