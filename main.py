@@ -3,15 +3,69 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import sys
+import tempfile
+from pathlib import Path
 
 import configuration
+
+READY_MODEL = Path(__file__).resolve().parent / "pretrained"
+# TensorFlow's C++ start-up lines that bypass TF_CPP_MIN_LOG_LEVEL (absl logs them before its
+# level is read): info and warning records, the absl preamble, the CPU-feature guard's tail.
+STARTUP_NOISE = re.compile(r"^([IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] |WARNING: All log "
+                           r"messages before absl::InitializeLog|To enable the following "
+                           r"instructions:)")
+
+
+def import_tensorflow():
+    """TensorFlow, imported without its C++ start-up logging (unless the user set
+    TF_CPP_MIN_LOG_LEVEL); any other line it prints on stderr while loading is kept."""
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        import tensorflow as tf
+        return tf
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            import tensorflow as tf
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = [line for line in sink.read().decode(errors="replace").splitlines()
+                    if line.strip() and not STARTUP_NOISE.match(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
+    return tf
+
+
+def uses_a_model(config: argparse.Namespace) -> bool:
+    return bool(config.enroll or config.verify or config.identify or config.embed
+                or config.export or (not config.train and not config.summarize))
+
+
+def choose_model(config: argparse.Namespace) -> None:
+    """Without --model_path and without a model at its default path, use the ready model in
+    pretrained/ (and say so)."""
+    if ("model_path" in config.explicit or not uses_a_model(config)
+            or (Path(config.model_path) / "config.json").exists()
+            or not (READY_MODEL / "config.json").exists()):
+        return
+    config.model_path = str(READY_MODEL)
+    print(f"using the ready model {READY_MODEL} (see its MODEL_CARD.md); no model trained at "
+          f"--model_path {configuration.build_parser().get_default('model_path')}")
 
 
 def main(argv: list[str] | None = None) -> int:
     config = configuration.parse_config(argv)
+    choose_model(config)
     # TensorFlow loads only after the flags are known to be valid.
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     import evaluation
     import export
