@@ -20,6 +20,7 @@ import csv
 import ctypes
 import gc
 import glob
+import hashlib
 import multiprocessing
 import queue
 import re
@@ -28,6 +29,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -41,6 +43,9 @@ NOISE_SECONDS_PER_FILE = 30.0
 SYNTHETIC_PHRASE_PATTERN = r"phrase_\d+\.wav$"
 SPEAKER_SKIPPED = "speaker below --min_utterances"  # the kind of a skipped-speaker entry
 PR_SET_PDEATHSIG = 1  # Linux prctl option (sys/prctl.h)
+CV_TSV = "validated.tsv"  # Common Voice's list of validated clips, one per language
+SPEAKER_NAME_LENGTH = 16  # characters of a client_id kept as the speaker name
+LANGUAGE_TRIALS = "trials_same_language.txt"
 
 
 def find_utterances(root: str | Path) -> dict[str, list[str]]:
@@ -68,8 +73,109 @@ def find_utterances(root: str | Path) -> dict[str, list[str]]:
                     and os.path.isfile(os.path.join(folder, name))):
                 tree.setdefault(speaker, []).append(prefix + name)
     if not tree:
-        raise FileNotFoundError(f"--audio_path {root}: no <speaker>/**/*.wav or *.flac files")
+        raise FileNotFoundError(f"--audio_path {root}: no <speaker>/**/<file> audio files "
+                                f"({', '.join(features.AUDIO_EXTENSIONS)}) and no Common Voice "
+                                f"<lang>/{CV_TSV}")
     return {speaker: sorted(paths) for speaker, paths in sorted(tree.items())}
+
+
+class Corpus(NamedTuple):
+    """The utterances found under --audio_path, and what the Common Voice reader knows of them."""
+
+    tree: dict[str, list[str]]  # speaker -> sorted paths relative to the root
+    languages: dict[str, str]  # path -> language folder (Common Voice only)
+    rows: dict[str, str]  # path -> '<tsv>:<line>' it was listed on (Common Voice only)
+    skipped: list[dict]  # unusable TSV lines, which belong to no speaker
+
+
+def find_corpus(root: str | Path) -> Corpus:
+    """Common Voice (ROOT/<lang>/validated.tsv, or one release folder ROOT/validated.tsv with
+    ROOT/clips/) when its TSVs are there, else the <speaker>/**/<utt> tree."""
+    root = Path(root)
+    if (root / CV_TSV).is_file() and (root / "clips").is_dir():
+        return read_commonvoice(root, [(root, "", root.resolve().name)])
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if any((folder / CV_TSV).is_file() for folder in folders):
+        return read_commonvoice(root, [(folder, folder.name + "/", folder.name)
+                                       for folder in folders])
+    return Corpus(find_utterances(root), {}, {}, [])
+
+
+def read_commonvoice(root: Path, languages: list[tuple[Path, str, str]]) -> Corpus:
+    """Speakers (client_id) and clips of each (folder, path prefix, language)'s validated.tsv;
+    a malformed line is skipped with its file and line number, a language without a TSV too."""
+    clips: dict[str, list[str]] = {}  # client_id -> paths
+    languages_of, rows, skipped = {}, {}, []
+    for folder, prefix, language in languages:
+        tsv = f"{prefix}{CV_TSV}"
+        if not (folder / CV_TSV).is_file():
+            skipped.append({"path": prefix.rstrip("/"), "kind": "malformed row",
+                            "reason": f"{prefix}: a language folder without {CV_TSV}"})
+            continue
+        for line, client_id, clip, problem in _tsv_rows(folder / CV_TSV):
+            path = f"{prefix}clips/{clip}"
+            if problem is None and path in rows:
+                problem = f"clip already listed on {rows[path]}"
+            if problem is not None:
+                skipped.append({"path": f"{tsv}:{line}", "kind": "malformed row",
+                                "reason": f"{tsv} line {line}: {problem}"})
+                continue
+            clips.setdefault(client_id, []).append(path)
+            languages_of[path] = language
+            rows[path] = f"{tsv}:{line}"
+    if not clips:
+        raise FileNotFoundError(f"--audio_path {root}: no usable row in its Common Voice "
+                                f"{CV_TSV} files")
+    names = speaker_names(list(clips))
+    tree = {names[client]: sorted(paths) for client, paths in clips.items()}
+    return Corpus(dict(sorted(tree.items())), languages_of, rows, skipped)
+
+
+def _tsv_rows(tsv: Path) -> Iterator[tuple[int, str, str, str | None]]:
+    """(line number, client_id, clip file name, problem or None) of each row after the header.
+    Parsed line by line (CRLF or LF), so a stray quote spoils its own line only."""
+    lines = tsv.read_bytes().splitlines()
+    header = next(csv.reader([lines[0].decode("utf-8", "replace")], delimiter="\t")) \
+        if lines else []
+    if "client_id" not in header or "path" not in header:
+        yield 1, "", "", f"the header {header[:3]}... lacks the client_id and path columns"
+        return
+    id_column, path_column = header.index("client_id"), header.index("path")
+    for number, raw in enumerate(lines[1:], 2):
+        if not raw.strip():
+            continue
+        try:
+            fields = next(csv.reader([raw.decode("utf-8")], delimiter="\t", strict=True))
+        except UnicodeDecodeError:
+            yield number, "", "", "not UTF-8 text"
+            continue
+        except csv.Error as error:
+            yield number, "", "", f"unbalanced CSV quoting ({error})"
+            continue
+        if len(fields) != len(header):
+            yield number, "", "", (f"{len(fields)} tab-separated columns, expected "
+                                   f"{len(header)} as in the header")
+            continue
+        client_id, clip = fields[id_column].strip(), fields[path_column].strip()
+        if not client_id:
+            yield number, "", "", "empty client_id"
+        elif not clip or clip in (".", "..") or "/" in clip or "\\" in clip:
+            yield number, "", "", f"path {clip!r} is not a file name in clips/"
+        else:
+            yield number, client_id, clip, None
+
+
+def speaker_names(client_ids: list[str]) -> dict[str, str]:
+    """client_id -> a short, safe file name: its first 16 characters (client_ids are hex),
+    longer until no two collide; a client_id with other characters goes by its SHA-1."""
+    safe = {c: c if re.fullmatch(r"[0-9A-Za-z]+", c) else hashlib.sha1(c.encode()).hexdigest()
+            for c in client_ids}
+    longest = max(len(name) for name in safe.values())
+    for length in range(min(SPEAKER_NAME_LENGTH, longest), longest + 1):
+        names = {c: name[:length] for c, name in safe.items()}
+        if len(set(names.values())) == len(names):
+            return names
+    raise ValueError("two Common Voice client_ids give one speaker name")
 
 
 def read_transcripts(root: str | Path) -> dict[str, str]:
@@ -135,8 +241,8 @@ def split_speakers(speakers: list[str], test_ratio: float, seed: int, folds: int
 def _speaker_job(job: tuple) -> tuple[str, str, bool, list[dict]]:
     """Process one speaker (at one speed) into out_dir, skipped if already complete. Returns
     (split, speaker name written, usable, skipped files)."""
-    split, root, speaker, speed, paths, out_dir, config = job
-    return (split, *_process_speaker(root, speaker, speed, paths, Path(out_dir), config))
+    split, root, speaker, speed, paths, out_dir, config, meta = job
+    return (split, *_process_speaker(root, speaker, speed, paths, Path(out_dir), config, meta))
 
 
 def run_jobs(jobs: list[tuple], workers: int) -> Iterator[tuple]:
@@ -217,8 +323,25 @@ def _worker_start() -> None:
     features.keep_freed_memory()
 
 
+def _speaker_meta(corpus: Corpus, paths: list[str]) -> dict:
+    """What a speaker's job needs to know of its paths beyond the audio: the Common Voice TSV
+    line each came from (named in its skip entry) and its language (kept in the sidecar)."""
+    if not corpus.rows:
+        return {}
+    return {"rows": {p: corpus.rows[p] for p in paths},
+            "languages": {p: corpus.languages[p] for p in paths}}
+
+
+def _skip_entry(relative: str, error: features.AudioError, meta: dict, speed: float) -> dict:
+    """A bad file's manifest entry; a Common Voice clip's names its TSV line."""
+    row = meta.get("rows", {}).get(relative)
+    return {"path": relative, "kind": error.kind,
+            "reason": "{} line {}: {}".format(*row.rsplit(":", 1), error) if row else str(error),
+            **({"row": row} if row else {}), **({"speed": speed} if speed != 1.0 else {})}
+
+
 def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], out_dir: Path,
-                     config: argparse.Namespace) -> tuple[str, bool, list[dict]]:
+                     config: argparse.Namespace, meta: dict) -> tuple[str, bool, list[dict]]:
     settings = features.feature_settings(config)
     if speed != 1.0:
         speaker = perturbed_name(speaker, speed)
@@ -242,8 +365,7 @@ def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], ou
             kept.append(relative)
         except features.AudioError as error:
             # Each speed copy of a bad file is its own entry: one per file written (or not).
-            skipped.append({"path": relative, "kind": error.kind, "reason": str(error),
-                            **({"speed": speed} if speed != 1.0 else {})})
+            skipped.append(_skip_entry(relative, error, meta, speed))
     usable = len(kept) >= config.min_utterances
     if not usable:
         skipped.append({"path": speaker, "kind": SPEAKER_SKIPPED,
@@ -256,6 +378,7 @@ def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], ou
     utils.atomic_save_json(sidecar, {
         "settings": settings, "paths": paths, "utterances": kept, "skipped": skipped,
         "lengths": [len(a) for a in arrays],
+        **({"languages": [meta["languages"][p] for p in kept]} if "languages" in meta else {}),
         **({"phrase_frames": spans} if config.tdsv else {})})
     return speaker, usable, skipped
 
@@ -295,7 +418,8 @@ def find_noise_files(noise_path: str | Path) -> list[tuple[Path, Path | None]]:
     files = sorted(p for p in Path(noise_path).rglob("*")
                    if p.suffix.lower() in features.AUDIO_EXTENSIONS and p.is_file())
     if not files:
-        raise FileNotFoundError(f"--noise_path {noise_path}: no .wav or .flac files")
+        raise FileNotFoundError(f"--noise_path {noise_path}: no audio files "
+                                f"({', '.join(features.AUDIO_EXTENSIONS)})")
     by_name = {p.name: p for p in files}
     found = []
     for path in files:
@@ -367,7 +491,33 @@ def merge_shards(out_dir: str | Path) -> dict:
         if "noise_seconds" in shard:
             manifest["noise_seconds"] = shard["noise_seconds"]
     utils.atomic_save_json(out_dir / "manifest.json", manifest)
+    if manifest["split"] == "test":
+        write_language_trials(out_dir, manifest["speakers"])
     return manifest
+
+
+def write_language_trials(out_dir: Path, speakers: list[str]) -> None:
+    """Common Voice: every pair of the test split's utterances in one language, as a VoxCeleb
+    trial list (`1|0 enrol test`, paths relative to --audio_path) in out_dir; else nothing."""
+    by_language: dict[str, list[tuple[str, str]]] = {}
+    for speaker in speakers:
+        done = configuration.load_config(out_dir / f"{speaker}.json")
+        if "languages" not in done:
+            return
+        for path, language in zip(done["utterances"], done["languages"]):
+            by_language.setdefault(language, []).append((path, speaker))
+    lines = []
+    for language in sorted(by_language):
+        found = sorted(by_language[language])
+        lines += [f"{int(a[1] == b[1])} {a[0]} {b[0]}"
+                  for i, a in enumerate(found) for b in found[i + 1:]]
+    trials = out_dir / LANGUAGE_TRIALS
+    tmp = trials.with_name(f"{trials.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, trials)
+    targets = sum(line.startswith("1") for line in lines)
+    print(f"test: {len(lines)} same-language trials ({targets} target) of "
+          f"{len(by_language)} languages written to {trials}")
 
 
 def _remove_leftovers(out_dir: Path, speakers: list[str], sharded: bool) -> None:
@@ -395,7 +545,8 @@ def preprocess(config: argparse.Namespace) -> dict:
         root = synthetic_corpus.build(config.synthetic_path, sr=config.sr, seed=config.seed)
         if config.tdsv and not (config.tdsv_phrase or config.tdsv_pattern):
             config.tdsv_pattern = SYNTHETIC_PHRASE_PATTERN
-    tree = find_utterances(root)
+    corpus = find_corpus(root)
+    tree = corpus.tree
     if config.tdsv:
         if not (config.tdsv_phrase or config.tdsv_pattern):
             raise ValueError("--tdsv True needs --tdsv_phrase or --tdsv_pattern to pick the phrase")
@@ -419,7 +570,7 @@ def preprocess(config: argparse.Namespace) -> dict:
         if sharded:
             (out_dir / "manifest.json").unlink(missing_ok=True)  # stale until all shards are in
         splits[split] = (out_dir, speakers, len(speeds))
-        jobs += [(split, root, s, speed, tree[s], out_dir, config)
+        jobs += [(split, root, s, speed, tree[s], out_dir, config, _speaker_meta(corpus, tree[s]))
                  for s in speakers for speed in speeds]
     # One queue for both splits, largest speakers first: no worker idles at the end of a split
     # or waits on one long speaker started last.
@@ -438,6 +589,11 @@ def preprocess(config: argparse.Namespace) -> dict:
         manifest = {"settings": features.feature_settings(config), "source": summary["source"],
                     "split": split, "speakers": sorted(usable[split]),
                     "skipped": sorted(skipped[split], key=lambda entry: entry["path"])}
+        n_files = copies * sum(len(tree[s]) for s in speakers)
+        if split == "train" and config.shard == 0:
+            manifest["skipped"] = sorted(manifest["skipped"] + corpus.skipped,
+                                         key=lambda entry: entry["path"])
+            n_files += len(corpus.skipped)
         if split == "train" and config.tdsv and config.noise_path and config.shard == 0:
             noise, bad_noise = build_noise(config)
             utils.atomic_save_npy(out_dir / "noise.npy", noise)
@@ -446,7 +602,6 @@ def preprocess(config: argparse.Namespace) -> dict:
         if config.tdsv:
             manifest["phrase_frames"] = _written_phrase_lengths(out_dir, usable[split],
                                                                 config.tdsv_frame)
-        n_files = copies * sum(len(tree[s]) for s in speakers)
         shard_text = f" (shard {config.shard} of {config.num_shards})" if sharded else ""
         manifest_file = out_dir / (shard_name(config.shard, config.num_shards) if sharded
                                    else "manifest.json")
@@ -466,6 +621,8 @@ def preprocess(config: argparse.Namespace) -> dict:
                   f"keep 90 % of them whole)")
         if sharded:
             manifest = _merge_if_complete(out_dir, config.num_shards)
+        elif split == "test":
+            write_language_trials(out_dir, manifest["speakers"])
         summary[split] = manifest
     return summary
 

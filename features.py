@@ -22,7 +22,7 @@ import soundfile as sf
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-AUDIO_EXTENSIONS = (".wav", ".flac")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus")  # all read by libsndfile >= 1.1
 LOG_FLOOR = 1e-6  # digital silence in the recordings must not give log(0)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
@@ -75,6 +75,8 @@ def wav_truncation(path: str | Path) -> str | None:
 
 def load_audio(path: str | Path, sr: int) -> np.ndarray:
     """Mono float32 waveform at sr: any channel count, sample format or rate; soxr resampling."""
+    if not os.path.isfile(path):
+        raise AudioError("missing", "file not found")
     try:
         # libsndfile silently reads what is left of a truncated WAV; a cut recording is a bad file.
         truncated = wav_truncation(path)

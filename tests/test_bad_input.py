@@ -180,7 +180,7 @@ def test_channels_rates_and_sample_types_load_alike(tmp_path):
 def test_nothing_usable_exits_nonzero_with_one_line(tmp_path, capsys, case):
     audio = tmp_path / "audio"
     expected, code = {"missing": ("not a folder", 2), "file": ("not a folder", 2),
-                      "empty": ("no <speaker>/**/*.wav", 2), "no_audio": ("no <speaker>", 2),
+                      "empty": ("no <speaker>/**/<file> audio", 2), "no_audio": ("no <speaker>", 2),
                       "flat": ("no <speaker>", 2), "all_bad": ("no usable", 1)}[case]
     if case == "file":
         audio.write_text("x")
@@ -188,7 +188,7 @@ def test_nothing_usable_exits_nonzero_with_one_line(tmp_path, capsys, case):
         audio.mkdir()
     if case == "no_audio":
         (audio / "spk").mkdir()
-        (audio / "spk" / "a.mp3").write_bytes(b"ID3")
+        (audio / "spk" / "a.m4a").write_bytes(b"ID3")
         (audio / "spk" / "readme.txt").write_text("x")
     elif case == "flat":
         sf.write(audio / "a.wav", speech_like(), SR)
