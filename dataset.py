@@ -25,24 +25,28 @@ class SpeakerStore:
     memory-maps whole arrays.
 
     Several preprocessed folders can be pooled (the paper's MultiReader idea: more speakers from
-    other material); their speakers are then named `<index>:<speaker>`.
+    other material); their speakers are then named `<index>:<speaker>`. Each comma-separated
+    entry is one source; `a+b` pools folders a and b into one source.
     """
 
-    def __init__(self, parts: list[tuple[Path, dict]], config: argparse.Namespace):
+    def __init__(self, parts: list[tuple[Path, dict, int]], config: argparse.Namespace):
         self.config = config
         self.tdsv = parts[0][1]["settings"]["kind"] == "tdsv"
         self.speakers: list[str] = []
-        self.sources: list[np.ndarray] = []  # indices into speakers, one array per folder
+        # Indices into speakers, one array per MultiReader source (a --train_path entry).
+        self.sources: list[np.ndarray] = [np.zeros(0, int)] * (parts[-1][2] + 1)
         self.offsets: dict[str, np.ndarray] = {}
         self._files: dict[str, Path] = {}
-        for index, (path, manifest) in enumerate(parts):
-            self.sources.append(np.arange(len(manifest["speakers"])) + len(self.speakers))
+        for index, (path, manifest, source) in enumerate(parts):
+            first = len(self.speakers)
             for speaker in manifest["speakers"]:
                 key = speaker if len(parts) == 1 else f"{index}:{speaker}"
                 sidecar = _read_json(path / f"{speaker}.json", ("lengths", "utterances"))
                 self.speakers.append(key)
                 self.offsets[key] = np.concatenate([[0], np.cumsum(sidecar["lengths"])])
                 self._files[key] = path / f"{speaker}.npy"
+            self.sources[source] = np.concatenate([self.sources[source],
+                                                   np.arange(first, len(self.speakers))])
         self._arrays: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._layouts: dict[str, tuple[int, tuple[int, ...]]] = {}  # data offset, row shape
         noise = parts[0][0] / "noise.npy"
@@ -144,9 +148,12 @@ def _read_json(file: Path, keys: tuple[str, ...]) -> dict:
 
 
 def open_store(paths: str, config: argparse.Namespace, split: str) -> SpeakerStore:
-    """Open a preprocessed split (or several, comma-separated), checking the feature settings."""
+    """Open a preprocessed split (or several: comma-separated sources, each one folder or several
+    joined by +), checking the feature settings."""
     parts = []
-    for path in (Path(p) for p in paths.split(",")):
+    folders = [(Path(p), source) for source, entry in enumerate(paths.split(","))
+               for p in entry.split("+")]
+    for path, source in folders:
         manifest_file = path / "manifest.json"
         if not manifest_file.exists() and list(path.glob("manifest.shard-*.json")):
             raise ValueError(f"{manifest_file} not found but shard manifests are: run the other "
@@ -166,7 +173,7 @@ def open_store(paths: str, config: argparse.Namespace, split: str) -> SpeakerSto
                 raise ValueError(f"{path} was preprocessed with {key}={settings[key]} but --{key}"
                                  f" is {getattr(config, key)}; re-run data_preprocess.py or fix "
                                  f"the flag")
-        parts.append((path, manifest))
+        parts.append((path, manifest, source))
     store = SpeakerStore(parts, config)
     if store.num_speakers < 2:
         raise ValueError(f"{paths}: {store.num_speakers} usable speakers; need at least 2")
@@ -217,11 +224,11 @@ def _noise(store: SpeakerStore, shape: tuple[int, int], rng: np.random.Generator
     return clips / np.maximum(np.sqrt(np.mean(clips ** 2, axis=1, keepdims=True)), 1e-8)
 
 
-def spec_augment(features: np.ndarray, max_bands: int, max_frames: int,
+def spec_augment(batch: np.ndarray, max_bands: int, max_frames: int,
                  rng: np.random.Generator) -> np.ndarray:
     """One frequency and one time mask per utterance of [n, T, n_mels] (SpecAugment, Park et
     al. 2019), widths uniform in 0..max; masked cells take the utterance's mean log-mel."""
-    n, length, n_mels = features.shape
+    n, length, n_mels = batch.shape
     bands = rng.integers(0, min(max_bands, n_mels) + 1, n)
     band_start = rng.integers(0, n_mels - bands + 1)
     spans = rng.integers(0, min(max_frames, length) + 1, n)
@@ -231,7 +238,7 @@ def spec_augment(features: np.ndarray, max_bands: int, max_frames: int,
     masked = (((band >= 0) & (band < bands[:, None]))[:, None, :]
               | ((span >= 0) & (span < spans[:, None]))[:, :, None])
     # The mean, not zero: log10 mels sit far below zero, so a zero mask would read as loud.
-    return np.where(masked, features.mean(axis=(1, 2), keepdims=True), features)
+    return np.where(masked, batch.mean(axis=(1, 2), keepdims=True), batch)
 
 
 def batch_speakers(store: SpeakerStore, config: argparse.Namespace, rng: np.random.Generator

@@ -210,3 +210,13 @@ def test_spec_augment_flag_masks_the_same_batch(tiny_tisv):
     # The crops are those of the unmasked batch; only the masked cells differ.
     for utterance, augmented, mask in zip(before, after, changed):
         np.testing.assert_allclose(augmented[mask], utterance.mean(), rtol=1e-5)
+
+
+def test_a_plus_joined_entry_is_one_multireader_source(tiny_tisv):
+    config = configuration.parse_config(tiny_tisv)
+    store = dataset.open_store(f"{config.train_path}+{config.train_path},{config.train_path}",
+                               config, "train")
+    third = store.num_speakers // 3
+    assert [list(s) for s in store.sources] == [list(range(2 * third)),
+                                                list(range(2 * third, 3 * third))]
+    assert len(set(store.speakers)) == 3 * third  # the same folder twice: distinct speakers
