@@ -18,6 +18,7 @@ if __name__ == "__main__":
 import argparse
 import csv
 import ctypes
+import functools
 import gc
 import glob
 import hashlib
@@ -46,6 +47,7 @@ PR_SET_PDEATHSIG = 1  # Linux prctl option (sys/prctl.h)
 CV_TSV = "validated.tsv"  # Common Voice's list of validated clips, one per language
 SPEAKER_NAME_LENGTH = 16  # characters of a client_id kept as the speaker name
 LANGUAGE_TRIALS = "trials_same_language.txt"
+COPY_MARK = "#augment"  # an augmented copy's utterance name: <path>#augment<k>
 
 
 def find_utterances(root: str | Path) -> dict[str, list[str]]:
@@ -342,45 +344,117 @@ def _skip_entry(relative: str, error: features.AudioError, meta: dict, speed: fl
 
 def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], out_dir: Path,
                      config: argparse.Namespace, meta: dict) -> tuple[str, bool, list[dict]]:
-    settings = features.feature_settings(config)
+    settings = features.feature_settings(config) | meta.get("augment", {})
     if speed != 1.0:
         speaker = perturbed_name(speaker, speed)
         settings["speed"] = speed
+    if meta.get("babble"):
+        settings["babble"] = meta["babble"]
     sidecar = out_dir / f"{speaker}.json"
     done = _finished_speaker(sidecar, out_dir / f"{speaker}.npy", settings, paths)
     if done is not None:
         return speaker, bool(done["utterances"]), done["skipped"]
-    arrays, kept, skipped, spans = [], [], [], []
+    copies = settings.get("augment", 0)
+    if copies:
+        # Imported when used: pyroomacoustics and scipy.signal take ~1 s to import.
+        import augment
+    noise, talkers = _augmentation_noise(root, meta, config) if copies else (None, [])
+    arrays, kept, sources, skipped, spans, recipes = [], [], [], [], [], {}
     for relative in paths:
         try:
             wav = features.load_audio(Path(root) / relative, config.sr)
             if speed != 1.0:
                 wav = features.speed_perturb(wav, speed, config.sr)
-            if config.tdsv:
-                span = features.phrase_span(wav, config)
-                arrays.append(features.centred_phrase(wav, span, config))
-                spans.append(features.phrase_frames(span, config))
-            else:
-                arrays.append(features.voiced_features(wav, config))
-            kept.append(relative)
+            span = features.phrase_span(wav, config) if config.tdsv else None
+            arrays.append(features.centred_phrase(wav, span, config) if config.tdsv
+                          else features.voiced_features(wav, config))
         except features.AudioError as error:
             # Each speed copy of a bad file is its own entry: one per file written (or not).
             skipped.append(_skip_entry(relative, error, meta, speed))
-    usable = len(kept) >= config.min_utterances
+            continue
+        kept.append(relative)
+        sources.append(relative)
+        for copy in range(1, copies + 1):
+            # The phrase is where it was in the clean recording: the room delays it ~1 ms.
+            signal, recipe = augment.augmented_copy(
+                wav, config.sr, augment.copy_rng(config.seed, speaker, relative, copy),
+                config.augment_snr_db, noise, talkers)
+            try:
+                arrays.append(features.centred_phrase(signal, span, config) if config.tdsv
+                              else features.voiced_features(signal, config))
+            except features.AudioError as error:
+                skipped.append(_skip_entry(relative, error, meta, speed) | {"copy": copy})
+                continue
+            kept.append(f"{relative}{COPY_MARK}{copy}")
+            sources.append(relative)
+            recipes[kept[-1]] = recipe
+        if config.tdsv:
+            spans += [features.phrase_frames(span, config)] * (len(kept) - len(spans))
+    originals = len(set(sources))
+    usable = originals >= config.min_utterances
     if not usable:
         skipped.append({"path": speaker, "kind": SPEAKER_SKIPPED,
-                        "reason": f"{len(kept)} usable utterances, expected at least "
+                        "reason": f"{originals} usable utterances, expected at least "
                                   f"--min_utterances {config.min_utterances}"})
-        kept, arrays, spans = [], [], []
+        kept, sources, arrays, spans, recipes = [], [], [], [], {}
     else:
         stacked = np.stack(arrays) if config.tdsv else np.concatenate(arrays)
         utils.atomic_save_npy(out_dir / f"{speaker}.npy", stacked)
     utils.atomic_save_json(sidecar, {
         "settings": settings, "paths": paths, "utterances": kept, "skipped": skipped,
         "lengths": [len(a) for a in arrays],
-        **({"languages": [meta["languages"][p] for p in kept]} if "languages" in meta else {}),
+        **({"languages": [meta["languages"][p] for p in sources]} if "languages" in meta else {}),
+        **({"augmented": recipes} if copies else {}),
         **({"phrase_frames": spans} if config.tdsv else {})})
     return speaker, usable, skipped
+
+
+def augmentation_settings(config: argparse.Namespace) -> dict:
+    """What --augment's copies depend on, for the training split's settings (a change redoes
+    the speakers); empty without --augment."""
+    if not config.augment:
+        return {}
+    import augment
+
+    return {"augment": config.augment, "augment_snr_db": list(config.augment_snr_db),
+            "augment_seed": config.seed, "augment_rt60_s": list(augment.RT60_S),
+            "augment_room_m": [list(side) for side in augment.ROOM_SIZE_M],
+            "augment_noise": (str(Path(config.noise_path).resolve()) if config.noise_path
+                              else "generated"),
+            **({"noise_filenum": config.noise_filenum} if config.noise_path else {})}
+
+
+def babble_sources(tree: dict[str, list[str]], train_speakers: list[str], speaker: str,
+                   seed: int) -> list[str]:
+    """One utterance each of a few other training speakers: the babble of speaker's copies."""
+    import augment
+
+    others = [s for s in train_speakers if s != speaker]
+    rng = augment.copy_rng(seed, speaker, "babble", 0)
+    chosen = sorted(rng.choice(len(others), min(augment.BABBLE_TALKERS, len(others)),
+                               replace=False).tolist())
+    return [tree[others[i]][int(rng.integers(len(tree[others[i]])))] for i in chosen]
+
+
+def _augmentation_noise(root: str, meta: dict, config: argparse.Namespace
+                        ) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """(the --noise_path stream or None, the babble talkers' waveforms) of a speaker's copies."""
+    if config.noise_path:
+        return _noise_stream(config.noise_path, config.noise_filenum, config.sr)[0], []
+    talkers = []
+    for relative in meta.get("babble", []):
+        try:
+            talkers.append(features.load_audio(Path(root) / relative, config.sr))
+        except features.AudioError:  # counted where its own speaker is processed
+            pass
+    return None, talkers
+
+
+@functools.lru_cache(maxsize=1)
+def _noise_stream(noise_path: str, noise_filenum: int, sr: int) -> tuple[np.ndarray, list[dict]]:
+    """build_noise, once per process (forked --workers inherit the parent's)."""
+    return build_noise(argparse.Namespace(noise_path=noise_path, noise_filenum=noise_filenum,
+                                          sr=sr))
 
 
 def _finished_speaker(sidecar: Path, array: Path, settings: dict, paths: list[str]
@@ -554,6 +628,9 @@ def preprocess(config: argparse.Namespace) -> dict:
     train_speakers, test_speakers = split_speakers(list(tree), config.test_ratio, config.seed,
                                                    config.folds, config.fold)
     sharded = config.num_shards > 1
+    augmenting = augmentation_settings(config)
+    if augmenting and config.noise_path:
+        _noise_stream(config.noise_path, config.noise_filenum, config.sr)  # fails before any job
 
     summary = {"source": str(Path(root).resolve()), "settings": features.feature_settings(config)}
     splits = {}
@@ -570,8 +647,13 @@ def preprocess(config: argparse.Namespace) -> dict:
         if sharded:
             (out_dir / "manifest.json").unlink(missing_ok=True)  # stale until all shards are in
         splits[split] = (out_dir, speakers, len(speeds))
-        jobs += [(split, root, s, speed, tree[s], out_dir, config, _speaker_meta(corpus, tree[s]))
-                 for s in speakers for speed in speeds]
+        for s in speakers:
+            meta = _speaker_meta(corpus, tree[s])
+            if split == "train" and augmenting:
+                meta["augment"] = augmenting
+                if not config.noise_path:
+                    meta["babble"] = babble_sources(tree, train_speakers, s, config.seed)
+            jobs += [(split, root, s, speed, tree[s], out_dir, config, meta) for speed in speeds]
     # One queue for both splits, largest speakers first: no worker idles at the end of a split
     # or waits on one long speaker started last.
     jobs.sort(key=lambda job: -_audio_bytes(root, job[4]))
@@ -586,18 +668,23 @@ def preprocess(config: argparse.Namespace) -> dict:
             skipped[split].extend(bad)
     for split, (out_dir, speakers, copies) in splits.items():
         # Sorted: with --workers > 1 speakers finish in any order, the manifest must not vary.
-        manifest = {"settings": features.feature_settings(config), "source": summary["source"],
+        settings = features.feature_settings(config) | (augmenting if split == "train" else {})
+        manifest = {"settings": settings, "source": summary["source"],
                     "split": split, "speakers": sorted(usable[split]),
                     "skipped": sorted(skipped[split], key=lambda entry: entry["path"])}
-        n_files = copies * sum(len(tree[s]) for s in speakers)
+        # Augmented copies count as files: each is skipped (or written) on its own.
+        n_files = copies * sum(len(tree[s]) for s in speakers) * (
+            1 + config.augment * (split == "train"))
         if split == "train" and config.shard == 0:
             manifest["skipped"] = sorted(manifest["skipped"] + corpus.skipped,
                                          key=lambda entry: entry["path"])
             n_files += len(corpus.skipped)
-        if split == "train" and config.tdsv and config.noise_path and config.shard == 0:
-            noise, bad_noise = build_noise(config)
-            utils.atomic_save_npy(out_dir / "noise.npy", noise)
-            manifest["noise_seconds"] = len(noise) / config.sr
+        if split == "train" and (config.tdsv or augmenting) and config.noise_path \
+                and config.shard == 0:
+            noise, bad_noise = _noise_stream(config.noise_path, config.noise_filenum, config.sr)
+            if config.tdsv:
+                utils.atomic_save_npy(out_dir / "noise.npy", noise)
+                manifest["noise_seconds"] = len(noise) / config.sr
             manifest["skipped"].extend(bad_noise)
         if config.tdsv:
             manifest["phrase_frames"] = _written_phrase_lengths(out_dir, usable[split],
