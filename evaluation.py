@@ -104,6 +104,12 @@ def format_metrics(name: str, result: dict) -> str:
             f"{dcf}")
 
 
+def threshold_record(threshold: float, eer: float, scored: str) -> dict:
+    """evaluation.json's threshold fields: the EER threshold and the evaluation it came from."""
+    return {"threshold": float(threshold), "threshold_eer": float(eer),
+            "threshold_source": f"EER threshold of {scored}, EER {100 * eer:.2f} %"}
+
+
 def cohort_models(embed, config: argparse.Namespace) -> np.ndarray | None:
     """One d-vector per training speaker, the AS-norm cohort; None when --train_path is absent."""
     try:
@@ -134,6 +140,10 @@ def test(config: argparse.Namespace) -> dict:
                      "model": model.model_fingerprint(encoder)}
 
     if config.trials:
+        if (results / "evaluation.json").resolve() == (model_path / "evaluation.json").resolve():
+            raise ValueError(f"--results_path {results} is --model_path: a --trials evaluation "
+                             f"would replace the model's operating threshold; choose another "
+                             f"--results_path")
         trials = utils.parse_trials(config.trials)
         if not config.audio_path:
             raise ValueError("--trials needs --audio_path, the folder its paths are relative to")
@@ -151,10 +161,12 @@ def test(config: argparse.Namespace) -> dict:
               f"threshold {first['threshold']:.4f}, FAR {100 * first['far']:.2f}%, "
               f"FRR {100 * first['frr']:.2f}%)")
         # --verify compares a file with a profile (mean of enrollment d-vectors), as this test
-        # does; its EER threshold, not the utterance-pair one, is the default decision point.
+        # does; its EER threshold, not the utterance-pair one, is the operating threshold.
+        split = (f"the model's test split {Path(config.test_path).resolve()} (similarity-matrix "
+                 f"test, mean of {config.draws} enrollment draws)")
         summary.update(eer_mean=draws["eer_mean"], eer_std=draws["eer_std"],
-                       speakers=len(store.speakers), threshold=draws["threshold"],
-                       threshold_source="similarity-matrix test, mean over draws")
+                       speakers=len(store.speakers),
+                       **threshold_record(draws["threshold"], draws["eer_mean"], split))
         plots.similarity_matrix_figure(first["scores"], first["labels"], store.speakers,
                                        results, mode)
         plots.embedding_projection(by_speaker, results, mode)
@@ -190,9 +202,13 @@ def test(config: argparse.Namespace) -> dict:
               f"  (cohort {len(cohort)} training speakers, top {config.asnorm_topk})")
         write_scores(model_path / "scores_asnorm.txt", trials, normed)
 
-    summary.setdefault("threshold", raw_metrics["threshold"])
-    summary.setdefault("threshold_source", "trial EER")
-    utils.atomic_save_json(model_path / "evaluation.json", summary)
+    if config.trials:
+        # Another list's threshold is that evaluation's result, never the model's operating
+        # threshold: it goes to --results_path only (--threshold_from can pick it).
+        summary.update(threshold_record(raw_metrics["threshold"], raw_metrics["eer"],
+                                        f"trial list {Path(config.trials).resolve()}"))
+    else:
+        utils.atomic_save_json(model_path / "evaluation.json", summary)
     results.mkdir(parents=True, exist_ok=True)
     utils.atomic_save_json(results / "evaluation.json", summary)  # beside its figures: --summarize
     figures = [plots.det_curve(raw[labels == 1], raw[labels == 0], results, mode),
@@ -202,6 +218,9 @@ def test(config: argparse.Namespace) -> dict:
     if loss_figure is not None:
         figures.append(loss_figure)
     print(f"scores in {model_path / 'scores.txt'}; figures in {results}")
+    if config.trials:
+        print(f"thresholds of this trial list in {results / 'evaluation.json'} (the operating "
+              f"threshold is unchanged; --threshold_from {results} uses this one)")
     return summary
 
 

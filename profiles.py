@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+import configuration
 import features
 import model
 import utils
@@ -94,35 +95,58 @@ def enroll(config: argparse.Namespace) -> dict:
     return meta
 
 
-def default_threshold(config: argparse.Namespace, fingerprint: str) -> float:
-    """--threshold, else the EER threshold of the last evaluation of these weights."""
+def operating_threshold(config: argparse.Namespace, fingerprint: str) -> tuple[float, str]:
+    """The decision threshold and where it came from: --threshold, else the EER threshold of
+    the --threshold_from evaluation, else the model's own (its test split's) operating threshold."""
     if config.threshold is not None:
-        return config.threshold
-    evaluation = Path(config.model_path) / "evaluation.json"
-    if not evaluation.exists():
-        raise ValueError(f"no --threshold given and {evaluation} does not exist; run "
-                         f"python main.py --train False first or pass --threshold")
-    saved = json.loads(evaluation.read_text())
+        return config.threshold, "--threshold"
+    if config.threshold_from:
+        evaluation = Path(config.threshold_from) / "evaluation.json"
+        if not evaluation.is_file():
+            raise ValueError(f"--threshold_from {config.threshold_from}: no evaluation.json there "
+                             f"(expected the --results_path of a --train False run)")
+    else:
+        evaluation = Path(config.model_path) / "evaluation.json"
+        if not evaluation.exists():
+            raise ValueError(f"no --threshold given and {evaluation} does not exist; run "
+                             f"python main.py --train False first or pass --threshold")
+    saved = configuration.load_config(evaluation)
     # Evaluations written before the fingerprint was recorded are of --model_path alone.
     if saved.get("model", None if config.ensemble else fingerprint) != fingerprint:
         raise ValueError(f"{evaluation} holds the threshold of other weights "
                          f"({' + '.join(saved.get('models', [config.model_path]))}), not of "
                          f"this --model_path/--ensemble; run python main.py --train False with "
                          f"them first or pass --threshold")
-    return float(saved["threshold"])
+    if not isinstance(saved.get("threshold"), (int, float)):
+        raise ValueError(f"{evaluation}: no 'threshold'; expected the evaluation.json of a "
+                         f"--train False run")
+    source = saved.get("threshold_source", "")
+    if config.threshold_from:
+        return float(saved["threshold"]), f"--threshold_from {config.threshold_from}: {source}"
+    # Earlier versions let a --trials run overwrite the model's threshold with that list's; only
+    # the similarity-matrix test of the test split records eer_mean.
+    if "eer_mean" not in saved:
+        raise ValueError(f"{evaluation} holds the threshold of a trial list ({source}), not of "
+                         f"the model's test split; run python main.py --train False without "
+                         f"--trials, or pass --threshold or --threshold_from")
+    if "threshold_eer" not in saved:  # written before the source was spelled out
+        source = (f"EER threshold of the model's test split (similarity-matrix test), EER "
+                  f"{100 * saved['eer_mean']:.2f} %")
+    return float(saved["threshold"]), f"operating threshold: {source}"
 
 
 def verify(config: argparse.Namespace) -> tuple[float, bool]:
-    """Cosine score of --audio against a profile, and the ACCEPT/REJECT decision."""
+    """Cosine score of --audio against a profile, and the ACCEPT/REJECT decision with the
+    threshold it used and that threshold's source."""
     config, encoder = model.load_trained(config)
     fingerprint = model.model_fingerprint(encoder)
     vectors, _ = load_profile(config, config.verify, fingerprint)
-    threshold = default_threshold(config, fingerprint)
+    threshold, source = operating_threshold(config, fingerprint)
     probe = embed_paths(model.make_embedder(encoder, config.n_mels), config.audio, config)[0]
     score = float(probe @ utils.speaker_model(vectors))
     accepted = score >= threshold
     print(f"{config.audio[0]} vs {config.verify!r}: score {score:.4f}, threshold "
-          f"{threshold:.4f} -> {'ACCEPT' if accepted else 'REJECT'}")
+          f"{threshold:.4f} ({source}) -> {'ACCEPT' if accepted else 'REJECT'}")
     return score, accepted
 
 

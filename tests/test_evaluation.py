@@ -55,7 +55,9 @@ def test_trial_list_run_writes_scores_and_metrics(tiny_tisv, tmp_path, capsys):
         for label, a, b in (line.split() for line in lines)]
     scores = np.array([float(r[2]) for r in rows])
     assert np.all(np.abs(scores) <= 1.0 + 1e-6)
-    result = json.loads((model_path / "evaluation.json").read_text())
+    # A trial list's evaluation is written to its --results_path, not over the model's own.
+    results = Path(flags[flags.index("--results_path") + 1])
+    result = json.loads((results / "evaluation.json").read_text())
     target, nontarget = scores[[0, 2]], scores[[1, 3]]
     assert result["raw"]["eer"] == pytest.approx(utils.equal_error_rate(target, nontarget)[0],
                                                  abs=1e-5)
