@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -80,16 +81,45 @@ def ge2e_loss(embeddings: tf.Tensor, w: tf.Tensor, b: tf.Tensor, kind: str = "so
 
 
 
+def bf16_supported(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU has bfloat16 matrix instructions (AVX512_BF16 or AMX-BF16), which
+    oneDNN's bfloat16 matmuls need."""
+    try:
+        cpuinfo = Path(cpuinfo_path).read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+
+
+def matmul_dtype(precision: str) -> tf.DType:
+    """The dtype of the encoder's matmul operands for --precision; bf16 needs CPU support."""
+    if precision == "fp32":
+        return tf.float32
+    if precision != "bf16":
+        raise ValueError(f"--precision: expected 'fp32' or 'bf16', got {precision!r}")
+    if not bf16_supported():
+        raise ValueError("--precision bf16: this CPU has no bfloat16 matrix instructions "
+                         "(neither avx512_bf16 nor amx_bf16 in /proc/cpuinfo); use --precision "
+                         "fp32")
+    return tf.bfloat16
+
+
+def _matmul(a: tf.Tensor, b: tf.Tensor, transpose_a: bool = False, transpose_b: bool = False
+            ) -> tf.Tensor:
+    """a @ b with b's dtype for the operands (bf16 or fp32) and a float32 result."""
+    product = tf.matmul(tf.cast(a, b.dtype), b, transpose_a=transpose_a, transpose_b=transpose_b)
+    return tf.cast(product, tf.float32)
+
+
 class LSTMPCell(keras.layers.Layer):
-    """TF1 LSTMCell(num_proj=...): gates i, j, f, o from [x_t, h_{t-1}]; h_t = (o * tanh c_t) W_p."""
+    """The weights of TF1 LSTMCell(num_proj=...): gates i, j, f, o = [x_t, h_{t-1}] kernel + bias;
+    c_t = sigma(f + forget_bias) c_{t-1} + sigma(i) tanh(j); h_t = (sigma(o) tanh c_t) projection."""
 
     def __init__(self, units: int, proj_units: int, forget_bias: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.units = units
         self.proj_units = proj_units
         self.forget_bias = forget_bias
-        self.state_size = [proj_units, units]
-        self.output_size = proj_units
 
     def build(self, input_shape) -> None:
         input_dim = input_shape[-1]
@@ -99,35 +129,154 @@ class LSTMPCell(keras.layers.Layer):
         self.projection = self.add_weight(name="projection", initializer="glorot_uniform",
                                           shape=(self.units, self.proj_units))
 
-    def call(self, inputs, states):
-        h_prev, c_prev = states
-        gates = tf.matmul(tf.concat([inputs, h_prev], axis=-1), self.kernel) + self.bias
+
+def _lstmp_scan(frames, kernel, bias, projection, forget_bias, mask=None, save=False):
+    """The recurrence over time-major frames [T,B,F].
+
+    Returns h [T,B,P] and, with save=True, TensorArrays of sigma(i), tanh(j), sigma(f),
+    sigma(o), c and tanh(c) [B,H] per frame, which the hand-written backward pass reads.
+    mask [T,B,1] (padding at the end): a masked frame keeps the state, so h[-1] is each row's
+    state at its last real frame.
+    """
+    steps, batch = tf.shape(frames)[0], tf.shape(frames)[1]
+    units, proj_units = tf.shape(projection)[0], tf.shape(projection)[1]
+    inputs = tf.TensorArray(tf.float32, size=steps).unstack(frames)
+    masks = None if mask is None else tf.TensorArray(tf.bool, size=steps).unstack(mask)
+    names = ("h", "i", "j", "f", "o", "c", "tanh_c") if save else ("h",)
+    # The backward pass reads c and h twice (frame t, and as the previous state of t + 1).
+    arrays = {name: tf.TensorArray(tf.float32, size=steps, clear_after_read=False)
+              for name in names}
+
+    def body(t, h, c, arrays):
+        gates = _matmul(tf.concat([inputs.read(t), h], axis=-1), kernel) + bias
         i, j, f, o = tf.split(gates, 4, axis=-1)
-        c = tf.sigmoid(f + self.forget_bias) * c_prev + tf.sigmoid(i) * tf.tanh(j)
-        h = tf.matmul(tf.sigmoid(o) * tf.tanh(c), self.projection)
-        return h, [h, c]
+        i, j, f, o = tf.sigmoid(i), tf.tanh(j), tf.sigmoid(f + forget_bias), tf.sigmoid(o)
+        c_new = f * c + i * j
+        tanh_c = tf.tanh(c_new)
+        h_new = _matmul(o * tanh_c, projection)
+        if masks is not None:
+            real = masks.read(t)
+            h_new, c_new = tf.where(real, h_new, h), tf.where(real, c_new, c)
+        values = {"h": h_new, "i": i, "j": j, "f": f, "o": o, "c": c_new, "tanh_c": tanh_c}
+        return t + 1, h_new, c_new, {k: a.write(t, values[k]) for k, a in arrays.items()}
+
+    _, _, _, arrays = tf.while_loop(
+        lambda t, *_: t < steps, body,
+        (tf.constant(0), tf.zeros([batch, proj_units]), tf.zeros([batch, units]), arrays))
+    # The saved activations stay tensor lists: stacking them (and splitting them again in the
+    # backward pass) would copy [T,B,H] tensors through memory, ~2x slower at N=64 M=10.
+    return {name: array.stack() if name == "h" else array for name, array in arrays.items()}
+
+
+def _lstmp_backward(saved, frames, dh_out, kernel, projection, input_gradient):
+    """BPTT through _lstmp_scan, one frame at a time (each frame's operands stay in cache):
+    gradients of the frames [T,B,F] (None without input_gradient), kernel, bias, projection."""
+    steps, dim = tf.shape(dh_out)[0], frames.shape[-1]
+    arrays = {**saved, "dh_out": tf.TensorArray(tf.float32, size=steps).unstack(dh_out),
+              "x": tf.TensorArray(tf.float32, size=steps).unstack(frames),
+              "h": tf.TensorArray(tf.float32, size=steps,
+                                   clear_after_read=False).unstack(saved["h"])}
+    d_frames = tf.TensorArray(tf.float32, size=steps)
+
+    def previous(name, t):
+        # The state before frame 0 is zero.
+        return arrays[name].read(tf.maximum(t - 1, 0)) * tf.cast(t > 0, tf.float32)
+
+    def body(t, dh_next, dc_next, d_kernel, d_bias, d_projection, d_frames):
+        i, j, f, o = (arrays[k].read(t) for k in ("i", "j", "f", "o"))
+        tanh_c = arrays["tanh_c"].read(t)
+        dh = arrays["dh_out"].read(t) + dh_next
+        dm = _matmul(dh, projection, transpose_b=True)
+        d_projection += _matmul(o * tanh_c, tf.cast(dh, projection.dtype), transpose_a=True)
+        dc = dc_next + dm * o * (1.0 - tanh_c * tanh_c)
+        d_gate = tf.concat([dc * j * i * (1.0 - i), dc * i * (1.0 - j * j),
+                            dc * previous("c", t) * f * (1.0 - f),
+                            dm * tanh_c * o * (1.0 - o)], axis=-1)
+        inputs = tf.concat([arrays["x"].read(t), previous("h", t)], axis=-1)
+        d_kernel += _matmul(inputs, tf.cast(d_gate, kernel.dtype), transpose_a=True)
+        d_inputs = _matmul(d_gate, kernel, transpose_b=True)
+        if input_gradient:
+            d_frames = d_frames.write(t, d_inputs[:, :dim])
+        return (t - 1, d_inputs[:, dim:], dc * f, d_kernel, d_bias + tf.reduce_sum(d_gate, 0),
+                d_projection, d_frames)
+
+    start = (steps - 1, tf.zeros_like(dh_out[0]),
+             tf.zeros([tf.shape(dh_out)[1], projection.shape[0]]),
+             tf.zeros(kernel.shape), tf.zeros(kernel.shape[-1:]), tf.zeros(projection.shape),
+             d_frames)
+    _, _, _, d_kernel, d_bias, d_projection, d_frames = tf.while_loop(
+        lambda t, *_: t >= 0, body, start)
+    return (d_frames.stack() if input_gradient else None), d_kernel, d_bias, d_projection
+
+
+class LSTMP(keras.layers.Layer):
+    """One LSTMP layer over time-major frames [T,B,F] -> h [T,B,P].
+
+    In training (no mask) the backward pass is written out (_lstmp_backward) rather than left
+    to the autodiff of the time loop: fewer ops per frame. Matmul operands are in matmul_dtype;
+    everything else is float32.
+    """
+
+    def __init__(self, units: int, proj_units: int, input_gradient: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.cell = LSTMPCell(units, proj_units)
+        self.input_gradient = input_gradient
+        self.matmul_dtype = tf.float32
+        self.supports_masking = True
+
+    def build(self, input_shape) -> None:
+        self.cell.build(input_shape)
+
+    def call(self, frames, mask=None, training=False):
+        cell = self.cell
+        kernel = tf.cast(tf.convert_to_tensor(cell.kernel), self.matmul_dtype)
+        projection = tf.cast(tf.convert_to_tensor(cell.projection), self.matmul_dtype)
+        bias = tf.convert_to_tensor(cell.bias)
+        if mask is not None or not training:
+            return _lstmp_scan(frames, kernel, bias, projection, cell.forget_bias, mask)["h"]
+
+        @tf.custom_gradient
+        def run(frames, kernel, bias, projection):
+            saved = _lstmp_scan(frames, kernel, bias, projection, cell.forget_bias, save=True)
+
+            def grad(dh_out):
+                return _lstmp_backward(saved, frames, dh_out, kernel, projection,
+                                       self.input_gradient)
+
+            return saved["h"], grad
+
+        return run(frames, kernel, bias, projection)
 
 
 class SpeakerEncoder(keras.Model):
-    """Log-mel frames [B,T,n_mels] -> d-vectors [B,proj]: stacked LSTMP, last frame, L2-normalised."""
+    """Log-mel frames [B,T,n_mels] -> d-vectors [B,proj]: stacked LSTMP, last frame, L2-normalised.
 
-    def __init__(self, hidden: int, proj: int, num_layer: int, **kwargs):
+    precision "bf16" runs the matmuls with bfloat16 operands (float32 results); variables, cell
+    state, activations and everything downstream stay float32.
+    """
+
+    def __init__(self, hidden: int, proj: int, num_layer: int, precision: str = "fp32",
+                 **kwargs):
         super().__init__(**kwargs)
-        self.rnns = [keras.layers.RNN(LSTMPCell(hidden, proj),
-                                      return_sequences=layer < num_layer - 1)
-                     for layer in range(num_layer)]
+        # The first layer's input is the features: nothing upstream needs its gradient.
+        self.rnns = [LSTMP(hidden, proj, input_gradient=layer > 0) for layer in range(num_layer)]
+        dtype = matmul_dtype(precision)
+        for rnn in self.rnns:
+            rnn.matmul_dtype = dtype
         self.supports_masking = True
 
     def compute_mask(self, inputs, mask=None):
         return None  # a d-vector has no time axis left to mask
 
-    def call(self, features, mask=None):
+    def call(self, features, mask=None, training=False):
         """mask [B,T] (True = real frame, padding at the end): the d-vector of each row is taken
         at its last real frame, as if the row had not been padded."""
-        x = features
+        x = tf.transpose(features, [1, 0, 2])
+        if mask is not None:
+            mask = tf.transpose(mask)[:, :, None]
         for rnn in self.rnns:
-            x = rnn(x, mask=mask)
-        return tf.math.l2_normalize(x, axis=-1, epsilon=1e-12)
+            x = rnn(x, mask=mask, training=training)
+        return tf.math.l2_normalize(x[-1], axis=-1, epsilon=1e-12)
 
 
 class GE2EScale(keras.layers.Layer):
@@ -143,7 +292,8 @@ class GE2EScale(keras.layers.Layer):
 
 def build_model(config: argparse.Namespace) -> tuple[SpeakerEncoder, GE2EScale]:
     """The encoder and the GE2E scale, built (weights created) for config's feature size."""
-    encoder = SpeakerEncoder(config.hidden, config.proj, config.num_layer)
+    encoder = SpeakerEncoder(config.hidden, config.proj, config.num_layer,
+                             getattr(config, "precision", "fp32"))
     encoder(tf.zeros((1, 2, config.n_mels)))
     scale = GE2EScale()
     scale.build()

@@ -386,3 +386,111 @@ def test_scale_returns_abs_w():
     s_ref = _loop_similarity(emb.numpy().astype(np.float64), 2.5, -5.0)
     w, b = scale()
     np.testing.assert_allclose(model.similarity_matrix(emb, w, b).numpy(), s_ref, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. the hand-written backward pass, masking, and --precision bf16
+# ----------------------------------------------------------------------------------------------
+
+def test_training_gradients_match_autodiff_of_the_recurrence():
+    # Training (no mask) runs the hand-written BPTT; with a mask the layers are differentiated by
+    # TensorFlow's autodiff of the same time loop: an all-True mask gives the reference.
+    rng = np.random.default_rng(5)
+    encoder = model.SpeakerEncoder(hidden=8, proj=5, num_layer=3)
+    features = tf.constant(rng.normal(0.0, 1.0, (6, 9, 4)).astype(np.float32))
+    encoder(features)
+    _randomise_encoder(encoder, rng, scale=0.5)
+    weights = tf.constant(rng.normal(size=(6, 5)).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        fused = encoder(features, training=True)
+        autodiff = encoder(features, mask=tf.ones((6, 9), tf.bool), training=True)
+        losses = [tf.reduce_sum(out * weights) for out in (fused, autodiff)]
+    np.testing.assert_allclose(fused.numpy(), autodiff.numpy(), atol=1e-6)
+    for var in encoder.trainable_variables:
+        got, want = (tape.gradient(loss, var).numpy() for loss in losses)
+        assert np.max(np.abs(want)) > 1e-3, var.path
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.max(np.abs(want)), err_msg=var.path)
+
+
+def test_masked_rows_read_their_last_real_frame():
+    rng = np.random.default_rng(6)
+    encoder = model.SpeakerEncoder(hidden=8, proj=5, num_layer=2)
+    features = rng.normal(0.0, 1.0, (3, 7, 4)).astype(np.float32)
+    encoder(features)
+    _randomise_encoder(encoder, rng)
+    lengths = np.array([7, 4, 2])
+    padded = features * (np.arange(7)[None, :, None] < lengths[:, None, None])
+    got = encoder(padded, mask=np.arange(7)[None, :] < lengths[:, None]).numpy()
+    layers = [_cell_weights(rnn) for rnn in encoder.rnns]
+    for row, length in enumerate(lengths):
+        expected = _numpy_lstmp_encoder(features[row:row + 1, :length], layers)[0]
+        np.testing.assert_allclose(got[row], expected, atol=1e-5)
+
+
+needs_bf16 = pytest.mark.skipif(not model.bf16_supported(),
+                                reason="CPU without avx512_bf16 / amx_bf16")
+
+
+def _sized_config(precision):
+    return configuration.parse_config(["--hidden", "64", "--proj", "32", "--num_layer", "3",
+                                       "--N", "4", "--M", "3", "--precision", precision,
+                                       "--optim", "sgd", "--lr", "0.05"])
+
+
+@needs_bf16
+def test_bf16_forward_within_bfloat16_rounding_of_the_reference(tmp_path):
+    # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2 % per operand); through
+    # three layers of 40 frames the d-vector components (unit vector, |e_k| ~ 0.18) move by
+    # ~3e-3 here; 2e-2 bounds that with margin, while fp32 stays at 1e-5.
+    rng = np.random.default_rng(8)
+    fp32, _ = model.build_model(_sized_config("fp32"))
+    _randomise_encoder(fp32, rng, scale=0.15)
+    features = rng.normal(0.0, 1.0, (8, 40, 40)).astype(np.float32)
+    expected = _numpy_lstmp_encoder(features, [_cell_weights(rnn) for rnn in fp32.rnns])
+    # The bf16 model reads the fp32 model's checkpoint: the variables are the same float32 ones.
+    scale = model.GE2EScale()
+    scale.build()
+    path = model._checkpoint(fp32, scale).save(str(tmp_path / "ckpt"))
+    bf16, bf16_scale = model.build_model(_sized_config("bf16"))
+    model._restore(model._checkpoint(bf16, bf16_scale), path)
+    assert all(v.dtype == "float32" for v in bf16.variables)
+    for a, b in zip(fp32.get_weights(), bf16.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    np.testing.assert_allclose(fp32(features).numpy(), expected, atol=1e-5)
+    got = bf16(features).numpy()
+    error = np.max(np.abs(got - expected))
+    assert 1e-4 < error < 2e-2, error  # bf16 really ran, and within its rounding
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+    assert np.min(np.sum(got * expected, axis=1)) > 0.999
+
+
+@needs_bf16
+def test_bf16_training_reduces_the_loss():
+    config = _sized_config("bf16")
+    keras_seed = 3
+    tf.keras.utils.set_random_seed(keras_seed)
+    encoder, scale = model.build_model(config)
+    optimizer = model.build_optimizer(config)
+    step = model.make_train_step(encoder, scale, optimizer, config)
+    rng = np.random.default_rng(keras_seed)
+    # Each speaker's utterances share a mean, so there is something to learn.
+    speakers = rng.normal(0.0, 1.0, (config.N, 1, 1, config.n_mels))
+    features = speakers + 0.5 * rng.normal(0.0, 1.0, (config.N, config.M, 30, config.n_mels))
+    features = tf.constant(features.reshape(-1, 30, config.n_mels), tf.float32)
+    losses = [float(step(features)[0]) for _ in range(15)]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(v.dtype == "float32" for v in encoder.variables + scale.variables)
+
+
+def test_bf16_is_refused_on_a_cpu_without_it(tmp_path, monkeypatch):
+    with_bf16, without = tmp_path / "with", tmp_path / "without"
+    with_bf16.write_text("flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("flags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert model.bf16_supported(str(with_bf16)) and not model.bf16_supported(str(without))
+    assert not model.bf16_supported(str(tmp_path / "missing"))
+    monkeypatch.setattr(model, "bf16_supported", lambda: False)
+    with pytest.raises(ValueError, match=r"^--precision bf16: this CPU has no bfloat16"):
+        model.build_model(_sized_config("bf16"))
+    model.build_model(_sized_config("fp32"))
