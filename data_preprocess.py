@@ -111,7 +111,7 @@ def read_commonvoice(root: Path, languages: list[tuple[Path, str, str]]) -> Corp
     for folder, prefix, language in languages:
         tsv = f"{prefix}{CV_TSV}"
         if not (folder / CV_TSV).is_file():
-            skipped.append({"path": prefix.rstrip("/"), "kind": "malformed row",
+            skipped.append({"path": prefix.rstrip("/"), "kind": "malformed",
                             "reason": f"{prefix}: a language folder without {CV_TSV}"})
             continue
         for line, client_id, clip, problem in _tsv_rows(folder / CV_TSV):
@@ -119,7 +119,7 @@ def read_commonvoice(root: Path, languages: list[tuple[Path, str, str]]) -> Corp
             if problem is None and path in rows:
                 problem = f"clip already listed on {rows[path]}"
             if problem is not None:
-                skipped.append({"path": f"{tsv}:{line}", "kind": "malformed row",
+                skipped.append({"path": f"{tsv}:{line}", "kind": "malformed",
                                 "reason": f"{tsv} line {line}: {problem}"})
                 continue
             clips.setdefault(client_id, []).append(path)
@@ -137,7 +137,7 @@ def _tsv_rows(tsv: Path) -> Iterator[tuple[int, str, str, str | None]]:
     """(line number, client_id, clip file name, problem or None) of each row after the header.
     Parsed line by line (CRLF or LF), so a stray quote spoils its own line only."""
     lines = tsv.read_bytes().splitlines()
-    header = next(csv.reader([lines[0].decode("utf-8", "replace")], delimiter="\t")) \
+    header = next(csv.reader([lines[0].decode("utf-8-sig", "replace")], delimiter="\t")) \
         if lines else []
     if "client_id" not in header or "path" not in header:
         yield 1, "", "", f"the header {header[:3]}... lacks the client_id and path columns"

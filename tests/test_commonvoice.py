@@ -79,7 +79,7 @@ def test_reader_finds_speakers_across_languages_and_counts_bad_rows(tmp_path):
     assert corpus.tree == {s: sorted(p) for s, p in sorted(by_speaker.items())}
     assert corpus.languages == {p: p.split("/")[0] for paths in by_speaker.values() for p in paths}
     assert {entry["path"] for entry in corpus.skipped} == expected["malformed"]
-    assert all(entry["kind"] == "malformed row" for entry in corpus.skipped)
+    assert all(entry["kind"] == "malformed" for entry in corpus.skipped)
     reasons = sorted(entry["reason"] for entry in corpus.skipped)
     assert reasons[0].startswith("aa/validated.tsv line 4: 3 tab-separated columns")
     assert reasons[1] == "aa/validated.tsv line 6: empty client_id"
@@ -105,9 +105,9 @@ def test_preprocessing_writes_speakers_bad_rows_and_same_language_trials(tmp_pat
     assert sorted(manifests["train"]["speakers"] + manifests["test"]["speakers"]) == sorted(
         set(names.values()))
     skipped = [entry for m in manifests.values() for entry in m["skipped"]]
-    assert {e["path"] for e in skipped if e["kind"] == "malformed row"} == expected["malformed"]
+    assert {e["path"] for e in skipped if e["kind"] == "malformed"} == expected["malformed"]
     assert {e["path"]: (e["kind"], e["row"]) for e in skipped
-            if e["kind"] != "malformed row"} == expected["bad_clips"]
+            if e["kind"] != "malformed"} == expected["bad_clips"]
     test_clips = {path: client for path, (client, _) in expected["clips"].items()
                   if names[client] in manifests["test"]["speakers"]}
     for speaker in manifests["test"]["speakers"]:
