@@ -1,12 +1,16 @@
-"""Export a trained model as a SavedModel: mono waveform in, d-vector out, features in-graph.
+"""Export a trained model for deployment: mono waveform in, d-vector out, features in-graph.
 
-Deployment then needs TensorFlow only: the log-mel front end and librosa's VAD are re-written
-with tf.signal, and the mel filterbank is baked in as a constant.
+Two formats: a TensorFlow SavedModel (a whole recording per call) and a TFLite flatbuffer (one
+fixed-length window per call, float32 or int8), for TI-SV and TD-SV models. The log-mel front
+end, librosa's VAD and the TD-SV phrase trim are re-written with tf.signal and TFLite builtins;
+the mel filterbank is baked in as a constant. Metadata beside the files (and a `metadata`
+signature in the SavedModel) carries the operating threshold and where it came from.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import keras
@@ -15,6 +19,11 @@ import tensorflow as tf
 
 import features
 import model
+import profiles
+import utils
+
+LITERT_PIN = "ai-edge-litert==2.3.*"  # tf.lite.Interpreter warns it is deprecated in TF 2.21
+TDSV_BUFFER_PHRASES = 4  # a TD-SV TFLite buffer holds up to this many phrase windows of audio
 
 
 def _centred_window(config: argparse.Namespace) -> np.ndarray:
@@ -31,19 +40,36 @@ def tf_frames(wav: tf.Tensor, config: argparse.Namespace) -> tf.Tensor:
     return tf.signal.frame(padded, config.nfft, features.hop_samples(config))
 
 
-def tf_log_mel(wav: tf.Tensor, config: argparse.Namespace) -> tf.Tensor:
-    """log10 mel power spectrogram [frames, n_mels], matching features.log_mel."""
+def tf_log_mel(wav: tf.Tensor, config: argparse.Namespace, quantizable: bool = True
+               ) -> tf.Tensor:
+    """log10 mel power spectrogram [frames, n_mels], matching features.log_mel.
+
+    quantizable=False writes the mel filterbank as a broadcast product and sum instead of a
+    matmul: TFLite's dynamic-range int8 quantizes a matmul's input per tensor, and the power
+    spectrum spans far more than 8 bits (log-mel errors of up to 4.5 in log10 units)."""
     frames = tf_frames(wav, config) * _centred_window(config)
     power = tf.abs(tf.signal.rfft(frames, [config.nfft])) ** 2
     basis = features.mel_basis(config.sr, config.nfft, config.n_mels)
-    return tf.math.log(tf.matmul(power, basis.T) + features.LOG_FLOOR) / np.log(10.0)
+    if quantizable:
+        mel = tf.matmul(power, basis.T)
+    else:
+        mel = tf.reduce_sum(power[:, :, None] * basis.T[None], axis=1)
+    return tf.math.log(mel + features.LOG_FLOOR) / np.log(10.0)
 
 
-def tf_voiced_mask(wav: tf.Tensor, config: argparse.Namespace) -> tf.Tensor:
-    """librosa.effects.split's rule per frame: RMS within top_db of the loudest frame."""
+def tf_voiced_mask(wav: tf.Tensor, config: argparse.Namespace,
+                   n_samples: tf.Tensor | None = None) -> tf.Tensor:
+    """features.voiced_frames in-graph: the frames whose RMS is within top_db of the loudest,
+    over tf_frames(wav) of the first n_samples samples (all of wav by default; the rest must be
+    zeros); frames past those of wav[:n_samples] are False."""
+    hop = features.hop_samples(config)
+    n = tf.size(wav) if n_samples is None else tf.cast(n_samples, tf.int32)
     rms = tf.sqrt(tf.reduce_mean(tf_frames(wav, config) ** 2, axis=-1))
     power_db = 10.0 * tf.math.log(tf.maximum(rms ** 2, 1e-10)) / np.log(10.0)
-    return power_db > tf.reduce_max(power_db) - config.top_db
+    index = tf.range(tf.shape(power_db)[0])
+    loudest = tf.reduce_max(tf.where(index <= n // hop, power_db, -1e9))
+    # index * hop < n also drops the frame starting exactly at the end, as effects.split does.
+    return (index * hop < n) & (power_db > loudest - config.top_db)
 
 
 def tf_windows(features: tf.Tensor, window: int) -> tf.Tensor:
@@ -57,40 +83,226 @@ def tf_windows(features: tf.Tensor, window: int) -> tf.Tensor:
     return tf.gather(features, starts[:, None] + tf.range(length)[None, :])
 
 
+def tf_phrase(wav: tf.Tensor, n_samples: tf.Tensor, config: argparse.Namespace
+              ) -> tuple[tf.Tensor, tf.Tensor]:
+    """features.phrase_span and centred_phrase in-graph: the --tdsv_frame-frame window centred on
+    the VAD's phrase in wav[:n_samples] (zeros after it), and the phrase length in samples."""
+    hop = features.hop_samples(config)
+    n_samples = tf.cast(n_samples, tf.int32)
+    kept = tf_voiced_mask(wav, config, n_samples)
+    index = tf.range(tf.size(kept))
+    found = tf.reduce_any(kept)
+    start = tf.where(found, tf.reduce_min(tf.where(kept, index, tf.size(kept))) * hop, 0)
+    end = tf.where(found, tf.minimum(n_samples, (tf.reduce_max(tf.where(kept, index, -1)) + 1)
+                                     * hop), 0)
+    length = (config.tdsv_frame - 1) * hop
+    lo = tf.maximum(0, tf.minimum((start + end) // 2 - length // 2, n_samples - length))
+    return tf.gather(tf.pad(wav, [[0, length]]), lo + tf.range(length)), end - start
+
+
+def _fixed_windows(frames: tf.Tensor, n_frames: int, window: int) -> tf.Tensor:
+    """utils.window_starts' windows of a fixed-length utterance, gathered with constant indices."""
+    starts = np.array(utils.window_starts(n_frames, window))
+    return tf.gather(frames, starts[:, None] + np.arange(min(n_frames, window))[None, :])
+
+
+def _pooled(d_vectors: tf.Tensor) -> tf.Tensor:
+    return tf.math.l2_normalize(tf.reduce_mean(d_vectors, 0), epsilon=1e-12)
+
+
+def tflite_input_samples(config: argparse.Namespace) -> int:
+    """Samples of the TFLite input window: --window_frames frames (TI-SV), or a buffer of
+    TDSV_BUFFER_PHRASES phrase windows (TD-SV)."""
+    frames = TDSV_BUFFER_PHRASES * config.tdsv_frame if config.tdsv else config.window_frames
+    return (frames - 1) * features.hop_samples(config)
+
+
 class DVectorModule(tf.Module):
-    """Waveform (mono float32 at the model's rate) -> utterance d-vector."""
+    """Waveform (mono float32 at the model's rate) -> utterance d-vector; the operating
+    threshold and its source as a `metadata` signature."""
+
+    def __init__(self, encoder: model.SpeakerEncoder, config: argparse.Namespace,
+                 metadata: dict):
+        super().__init__()
+        self.encoder = encoder
+        self.config = config
+        self.sample_rate = tf.constant(config.sr)
+        threshold = metadata["operating_threshold"]
+        self.threshold = tf.constant(np.nan if threshold is None else threshold, tf.float32)
+        self.threshold_source = tf.constant(metadata["threshold_source"])
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="waveform")])
+    def serve(self, waveform):
+        config = self.config
+        if config.tdsv:
+            hop = features.hop_samples(config)
+            phrase, span = tf_phrase(waveform, tf.size(waveform), config)
+            tf.debugging.assert_greater_equal(span, config.min_frames * hop // 4,
+                                              message="too little voiced audio")
+            windows = _fixed_windows(tf_log_mel(phrase, config), config.tdsv_frame,
+                                     config.window_frames)
+        else:
+            voiced = tf.boolean_mask(tf_log_mel(waveform, config),
+                                     tf_voiced_mask(waveform, config))
+            tf.debugging.assert_greater_equal(tf.shape(voiced)[0], config.min_frames,
+                                              message="too little voiced audio")
+            windows = tf_windows(voiced, config.window_frames)
+        return {"d_vector": _pooled(self.encoder(windows, training=False))}
+
+    @tf.function(input_signature=[])
+    def metadata(self):
+        return {"operating_threshold": self.threshold, "threshold_source": self.threshold_source,
+                "sample_rate": self.sample_rate}
+
+
+class WindowModule(tf.Module):
+    """One fixed-length window (TI-SV) or buffer (TD-SV) of waveform, of which the first
+    num_samples are audio -> its d-vector and whether the in-process path would accept it."""
 
     def __init__(self, encoder: model.SpeakerEncoder, config: argparse.Namespace):
         super().__init__()
         self.encoder = encoder
         self.config = config
-        self.sample_rate = tf.constant(config.sr)
+        self.length = tflite_input_samples(config)
+        self.serve = tf.function(self._serve, input_signature=[
+            tf.TensorSpec([self.length], tf.float32, name="waveform"),
+            tf.TensorSpec([], tf.int32, name="num_samples")])
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="waveform")])
-    def serve(self, waveform):
-        features = tf.boolean_mask(tf_log_mel(waveform, self.config),
-                                   tf_voiced_mask(waveform, self.config))
-        tf.debugging.assert_greater_equal(tf.shape(features)[0], self.config.min_frames,
-                                          message="too little voiced audio")
-        d_vectors = self.encoder(tf_windows(features, self.config.window_frames), training=False)
-        return {"d_vector": tf.math.l2_normalize(tf.reduce_mean(d_vectors, 0), epsilon=1e-12)}
+    def _serve(self, waveform, num_samples):
+        config = self.config
+        n = tf.clip_by_value(num_samples, 0, self.length)
+        wav = tf.where(tf.range(self.length) < n, waveform, 0.0)
+        audible = tf.reduce_max(tf.abs(wav)) >= 1e-5  # features.load_audio's silence rule
+        if config.tdsv:
+            phrase, span = tf_phrase(wav, n, config)
+            windows = _fixed_windows(tf_log_mel(phrase, config, quantizable=False),
+                                     config.tdsv_frame, config.window_frames)
+            usable = audible & (span >= config.min_frames * features.hop_samples(config) // 4)
+            return {"d_vector": _pooled(self.encoder(windows, training=False)),
+                    "usable": tf.cast(usable, tf.int32)}
+        kept = tf_voiced_mask(wav, config, n)
+        voiced = tf.reduce_sum(tf.cast(kept, tf.int32))
+        # A boolean_mask of static shape: row j takes the (j+1)-th kept frame, whose index is the
+        # number of frames preceded (inclusively) by at most j kept frames.
+        ranks = tf.cumsum(tf.cast(kept, tf.int32))
+        rows = tf.range(config.window_frames)
+        order = tf.reduce_sum(tf.cast(ranks[None, :] <= rows[:, None], tf.int32), axis=1)
+        frames = tf.gather(tf_log_mel(wav, config, quantizable=False),
+                           tf.minimum(order, config.window_frames - 1))
+        d_vector = self.encoder(frames[None], mask=(rows < voiced)[None], training=False)[0]
+        usable = audible & (voiced >= config.min_frames)
+        return {"d_vector": d_vector, "usable": tf.cast(usable, tf.int32)}
 
 
-def export(config: argparse.Namespace) -> Path:
-    """Write the SavedModel to --export and check it against the in-process embedding."""
-    if config.ensemble:
-        raise ValueError("--export takes one model; drop --ensemble")
-    config, encoder = model.load_trained(config)
-    if config.tdsv:
-        raise ValueError("--export supports TI-SV models (a TD-SV model needs the phrase "
-                         "trimming of features.phrase_waveform, not ported to tf.signal)")
-    module = DVectorModule(encoder, config)
-    out = Path(config.export)
+def export_metadata(config: argparse.Namespace, fingerprint: str) -> dict:
+    """What a deployment needs beside the graph: the operating threshold and its source, the
+    model's fingerprint and its feature settings."""
+    evaluation = Path(config.model_path) / "evaluation.json"
+    if config.threshold is None and not config.threshold_from and not evaluation.exists():
+        threshold, source = None, (f"none: {evaluation} does not exist (run python main.py "
+                                   f"--train False, or pass --threshold, then export again)")
+    else:
+        threshold, source = profiles.operating_threshold(config, fingerprint)
+    return {"model": fingerprint, "model_path": str(Path(config.model_path).resolve()),
+            "mode": "TD-SV" if config.tdsv else "TI-SV", "sample_rate": config.sr,
+            "d_vector_size": config.proj, "operating_threshold": threshold,
+            "threshold_source": source, "features": features.feature_settings(config),
+            "window_frames": config.window_frames}
+
+
+def _write_archive(module: tf.Module, endpoints: dict, encoder, out: Path) -> None:
     # Keras 3 variables are restored correctly only when the archive tracks the Keras model.
     archive = keras.export.ExportArchive()
     archive.track(encoder)
-    archive.add_endpoint("serving_default", module.serve)
+    for name, function in endpoints.items():
+        archive.add_endpoint(name, function)
     archive.write_out(str(out), verbose=False)
-    print(f"SavedModel -> {out} (signature serving_default: waveform float32 [samples] at "
-          f"{config.sr} Hz -> d_vector [{config.proj}])")
+
+
+def tflite_name(config: argparse.Namespace) -> str:
+    return "d_vector_int8.tflite" if config.quantize == "int8" else "d_vector.tflite"
+
+
+def export_tflite(encoder, config: argparse.Namespace, out: Path) -> Path:
+    """Convert the WindowModule to TFLite builtins only; --quantize int8 quantizes the weights to
+    int8 (dynamic range: activations stay float, so no calibration set is needed)."""
+    module = WindowModule(encoder, config)
+    with tempfile.TemporaryDirectory(prefix="ge2e-export-") as folder:
+        _write_archive(module, {"serving_default": module.serve}, encoder, Path(folder))
+        converter = tf.lite.TFLiteConverter.from_saved_model(folder, ["serving_default"])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if config.quantize == "int8":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        flatbuffer = converter.convert()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / tflite_name(config)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(flatbuffer)
+    tmp.replace(path)
+    return path
+
+
+def export(config: argparse.Namespace) -> Path:
+    """Write the SavedModel or the TFLite model to --export, with its metadata."""
+    if config.ensemble:
+        raise ValueError("--export takes one model; drop --ensemble")
+    config, encoder = model.load_trained(config)
+    metadata = export_metadata(config, model.model_fingerprint(encoder))
+    out = Path(config.export)
+    if config.format == "tflite":
+        path = export_tflite(encoder, config, out)
+        samples = tflite_input_samples(config)
+        metadata.update(format="tflite", quantize=config.quantize, input={
+            "waveform": f"float32 [{samples}] at {config.sr} Hz "
+                        f"({samples / config.sr:.2f} s), zero-padded after num_samples",
+            "num_samples": "int32 [], the audio samples at the start of waveform"},
+            output={"d_vector": f"float32 [{config.proj}], L2-normalised",
+                    "usable": "int32 [], 0 when the window is silent or has too little "
+                              "voiced audio (--min_frames)"})
+        utils.atomic_save_json(path.with_suffix(".json"), metadata)
+        print(f"TFLite ({'int8 weights' if config.quantize == 'int8' else 'float32'}, "
+              f"{path.stat().st_size / 1e6:.2f} MB) -> {path} (waveform float32 [{samples}] "
+              f"+ num_samples at {config.sr} Hz -> d_vector [{config.proj}], usable); metadata "
+              f"-> {path.with_suffix('.json')}")
+    else:
+        module = DVectorModule(encoder, config, metadata)
+        _write_archive(module, {"serving_default": module.serve, "metadata": module.metadata},
+                       encoder, out)
+        metadata.update(format="savedmodel", input={"waveform": f"float32 [samples] at "
+                                                                f"{config.sr} Hz"},
+                        output={"d_vector": f"float32 [{config.proj}], L2-normalised"})
+        utils.atomic_save_json(out / "metadata.json", metadata)
+        print(f"SavedModel -> {out} (signature serving_default: waveform float32 [samples] at "
+              f"{config.sr} Hz -> d_vector [{config.proj}]; metadata in {out / 'metadata.json'})")
+    threshold = metadata["operating_threshold"]
+    print(f"threshold {'none' if threshold is None else f'{threshold:.4f}'} "
+          f"({metadata['threshold_source']}) in the metadata")
     return out
+
+
+def tflite_runner(path: str | Path, threads: int = 1):
+    """The serving_default signature of a .tflite file, run by the LiteRT interpreter."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise ImportError(f"running a .tflite model needs the LiteRT interpreter: pip install "
+                          f"'{LITERT_PIN}'") from None
+    return Interpreter(model_path=str(path), num_threads=threads).get_signature_runner()
+
+
+def tflite_utterance_d_vector(run, wav: np.ndarray, length: int) -> np.ndarray:
+    """The TI-SV recipe for a whole recording: windows of `length` samples with 50 % overlap
+    (the last one ending at the recording's end; a short recording is one zero-padded window),
+    the usable windows' d-vectors averaged and L2-normalised."""
+    wav = np.asarray(wav, dtype=np.float32)
+    d_vectors = []
+    for start in utils.window_starts(len(wav), length):
+        piece = wav[start:start + length]
+        window = np.pad(piece, (0, length - len(piece)))
+        out = run(waveform=window, num_samples=np.array(len(piece), np.int32))
+        if out["usable"]:
+            d_vectors.append(out["d_vector"])
+    if not d_vectors:
+        raise ValueError(f"too little voiced audio in every window of {length} samples")
+    mean = np.mean(d_vectors, axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)

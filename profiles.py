@@ -39,11 +39,11 @@ def files_features(paths: list[str | Path], config: argparse.Namespace
 def embed_paths(embed, paths: list[str], config: argparse.Namespace) -> np.ndarray:
     """Utterance d-vectors [F,P] of audio files (sliding windows, as in evaluation); a bad file
     is an error."""
-    features = files_features(paths, config)
-    for result in features:
+    utterances = files_features(paths, config)
+    for result in utterances:
         if isinstance(result, ValueError):
             raise result
-    return model.utterance_d_vectors(embed, features, config.window_frames)
+    return model.utterance_d_vectors(embed, utterances, config.window_frames)
 
 
 def _profile_paths(config: argparse.Namespace, name: str) -> tuple[Path, Path]:
@@ -180,17 +180,17 @@ def embed_folder(config: argparse.Namespace) -> Path:
                    if p.suffix.lower() in features.AUDIO_EXTENSIONS and p.is_file())
     if not files:
         raise FileNotFoundError(f"--audio_path {root}: no .wav or .flac files")
-    names, features, skipped = [], [], []
+    names, utterances, skipped = [], [], []
     for path, result in zip(files, files_features(files, config)):
         if isinstance(result, ValueError):
             skipped.append(str(result))
         else:
-            features.append(result)
+            utterances.append(result)
             names.append(path.relative_to(root).as_posix())
-    if not features:
+    if not utterances:
         raise ValueError(f"--audio_path {root}: no usable audio ({skipped[0]})")
     embed = model.make_embedder(encoder, config.n_mels, config.window_frames)
-    vectors = model.utterance_d_vectors(embed, features, config.window_frames)
+    vectors = model.utterance_d_vectors(embed, utterances, config.window_frames)
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")

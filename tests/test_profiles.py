@@ -1,73 +1,22 @@
-"""Enroll / verify / identify / embed / export on a trained model."""
+"""Enroll / verify / identify / embed on a trained model (export: test_export.py)."""
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import soundfile as sf
-import tensorflow as tf
 from conftest import REPO, link_subset
 
 import configuration
 import data_preprocess
-import export
-import features
 import main
 import model
-import profiles
 
 
 def _flag(flags, name):
     return flags[flags.index(name) + 1]
-
-
-def test_tf_log_mel_matches_librosa(shared_data):
-    config = configuration.parse_config([])
-    for path in sorted((shared_data / "dspspeech20").rglob("*.flac"))[:3]:
-        wav = features.load_audio(path, config.sr)
-        reference = features.log_mel(wav, config)
-        ours = export.tf_log_mel(tf.constant(wav), config).numpy()
-        assert ours.shape == reference.shape
-        np.testing.assert_allclose(ours, reference, atol=1e-4)
-        voiced = export.tf_voiced_mask(tf.constant(wav), config).numpy()
-        assert abs(int(voiced.sum()) - len(features.voiced_features(wav, config))) <= 1
-
-
-@pytest.mark.parametrize("n_frames", [40, 159, 160, 161, 239, 240, 500])
-def test_tf_windows_match_window_starts(n_frames):
-    import utils
-    features = np.arange(n_frames, dtype=np.float32)[:, None]
-    windows = export.tf_windows(tf.constant(features), 160).numpy()
-    starts = utils.window_starts(n_frames, 160)
-    assert windows.shape[0] == len(starts)
-    for window, start in zip(windows, starts):
-        np.testing.assert_array_equal(window[:, 0], features[start:start + 160, 0])
-
-
-def test_savedmodel_in_fresh_process_matches_in_process(tiny_tisv, tmp_path):
-    out = tmp_path / "exported"
-    assert main.main(tiny_tisv + ["--export", str(out)]) == 0
-    wav_path = Path(_flag(tiny_tisv, "--synthetic_path")) / "spk03" / "free_04.wav"
-    config, encoder = model.load_trained(configuration.parse_config(tiny_tisv))
-    expected = profiles.embed_paths(model.make_embedder(encoder, config.n_mels), [wav_path],
-                                    config)[0]
-    script = ("import sys, numpy as np, soundfile as sf, tensorflow as tf\n"
-              "m = tf.saved_model.load(sys.argv[1])\n"
-              "wav, _ = sf.read(sys.argv[2], dtype='float32')\n"
-              "out = m.signatures['serving_default'](waveform=tf.constant(wav))['d_vector']\n"
-              "np.save(sys.argv[3], out.numpy())\n")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    subprocess.run([sys.executable, "-c", script, str(out), str(wav_path),
-                    str(tmp_path / "d.npy")], check=True, env=env, cwd=tmp_path)
-    exported = np.load(tmp_path / "d.npy", allow_pickle=False)
-    # Documented tolerance: the tf.signal front end differs from librosa by ~1e-5 in log10 units.
-    np.testing.assert_allclose(exported, expected, atol=1e-4)
 
 
 def test_enroll_replace_extend_and_errors(tiny_tisv, capsys):
