@@ -14,6 +14,8 @@ from pathlib import Path
 FEATURE_KEYS = ("tdsv", "sr", "nfft", "window", "hop", "n_mels", "tdsv_frame")
 NETWORK_KEYS = ("hidden", "proj", "num_layer")
 SHAPE_KEYS = FEATURE_KEYS + NETWORK_KEYS
+# What a model's weights depend on: a TI-SV model can start a TD-SV run (--init_from).
+WEIGHT_KEYS = ("sr", "nfft", "window", "hop", "n_mels") + NETWORK_KEYS
 # Flags that fix the optimizer state, learning-rate schedule and batches; `--train True --restore
 # True` takes them from the saved config so a resumed run continues the interrupted one exactly.
 RESUME_KEYS = ("optim", "lr", "lr_decay_every", "beta1", "beta2", "clip_norm", "loss", "N", "M",

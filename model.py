@@ -419,7 +419,7 @@ def _restore(checkpoint: tf.train.Checkpoint, path: str, partial: bool = False) 
 
 def warm_start_checkpoint(config: argparse.Namespace) -> str:
     """The latest checkpoint of --init_from's model, after checking that its network shape and
-    features are this run's."""
+    log-mel features are this run's (TI-SV weights may start a TD-SV run)."""
     source = Path(config.init_from)
     if source.resolve() == Path(config.model_path).resolve():
         raise ValueError(f"--init_from {source} is --model_path itself; use --restore True to "
@@ -428,7 +428,7 @@ def warm_start_checkpoint(config: argparse.Namespace) -> str:
         raise ValueError(f"--init_from {source}: no config.json; expected a trained model folder "
                          f"(like --model_path)")
     saved = configuration.load_config(source / "config.json")
-    for key in configuration.SHAPE_KEYS:
+    for key in configuration.WEIGHT_KEYS:
         if key in saved and saved[key] != getattr(config, key):
             raise ValueError(f"--init_from {source}: its {key}={saved[key]} differs from this "
                              f"run's --{key} {getattr(config, key)}")

@@ -87,3 +87,21 @@ def test_init_from_needs_a_trained_model_folder(tmp_path_factory, tmp_path, caps
     assert main.main(flags + ["--init_from", source, "--model_path", source,
                               "--iteration", "1"]) == 2
     assert "is --model_path itself" in capsys.readouterr().err
+
+
+def test_a_text_independent_model_may_start_a_text_dependent_run(tmp_path_factory, tmp_path):
+    flags = trained(tmp_path_factory)
+    source = Path(_flag(flags, "--model_path"))
+    td = configuration.parse_config(flags + ["--model_path", str(tmp_path / "td"), "--tdsv",
+                                             "True", "--tdsv_frame", "120",
+                                             "--init_from", str(source)])
+    assert model.warm_start_checkpoint(td) == tf.train.latest_checkpoint(source / "checkpoints")
+    other_features = configuration.parse_config(flags + ["--model_path", str(tmp_path / "m"),
+                                                         "--n_mels", "32",
+                                                         "--init_from", str(source)])
+    try:
+        model.warm_start_checkpoint(other_features)
+    except ValueError as error:
+        assert "n_mels=40 differs" in str(error)
+    else:
+        raise AssertionError("a model of other features was accepted")
