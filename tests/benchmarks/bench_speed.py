@@ -2,10 +2,12 @@
 
     python tests/benchmarks/bench_speed.py [--quick] [--threads K] [--files N]
 
-Measures whatever model.py / data_preprocess.py implement, through their public API:
-  1. GE2E training step (N=4,M=5 and N=64,M=10; T=160): median ms/step, utterances/s, vs the peer
-  2. embedding d-vectors/s at batch 1 and batch 256 (T=160, no grad), vs the peer
-  3. achieved GFLOP/s of our training step as a fraction of a numpy float32 2048^3 GEMM
+Measures whatever model.py / features.py implement, through their public API:
+  1. the CPU (model, flags) and its GEMM peaks: float32 (numpy and tf.matmul) and bfloat16
+     (tf.matmul, on CPUs with avx512_bf16 / amx_bf16), 2048^3 and one LSTMP time step's shape
+  2. GE2E training step (N=4,M=5 and N=64,M=10; T=160) in --precision fp32 and bf16: median
+     ms/step, utterances/s, GFLOP/s as a fraction of the matching GEMM peak, vs the peer
+  3. embedding d-vectors/s at batch 1 and batch 256 (T=160, no grad), both precisions, vs the peer
   4. feature extraction seconds per hour of audio (project path vs the original librosa recipe)
   5. wav -> utterance d-vector, times real time (the path of main.py --embed)
 and writes Results/benchmark_speed.json. The peer (pip install -r tests/benchmarks/requirements.txt)
@@ -39,7 +41,7 @@ import tensorflow as tf  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 import configuration  # noqa: E402
-import data_preprocess  # noqa: E402
+import features  # noqa: E402
 import model  # noqa: E402
 
 T = 160
@@ -82,19 +84,63 @@ def macs_per_frame(n_mels: int, hidden: int, proj: int, layers: int) -> int:
     return total
 
 
+def cpu_description() -> dict:
+    """The CPU model and the flags that decide the matmul paths (from /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": platform.processor(), "flags": []}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    flags = fields.get("flags", "").split()
+    return {"model": fields.get("model name", platform.processor()),
+            "family": fields.get("cpu family"), "model_number": fields.get("model"),
+            "flags": [f for f in wanted if f in flags]}
+
+
+def _best_seconds(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def numpy_peak_gflops(reps: int) -> float:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((2048, 2048), dtype=np.float32)
     b = rng.standard_normal((2048, 2048), dtype=np.float32)
-    a @ b
+    return 2 * 2048 ** 3 / _best_seconds(lambda: a @ b, reps) / 1e9
 
-    def seconds() -> float:
-        start = time.perf_counter()
-        a @ b
-        return time.perf_counter() - start
 
-    best = min(seconds() for _ in range(reps))
-    return 2 * 2048 ** 3 / best / 1e9
+def tf_gemm_gflops(dtype: tf.DType, rows: int, inner: int, cols: int, calls: int, reps: int
+                   ) -> float:
+    """GFLOP/s of `calls` chained rows x inner by inner x cols tf.matmuls in one tf.function
+    (a time-step loop's GEMMs without its Python overhead)."""
+    a = tf.cast(tf.random.normal((rows, inner)), dtype)
+    w = tf.cast(tf.random.normal((inner, cols)), dtype)
+
+    @tf.function
+    def run():
+        out = tf.zeros((rows, cols), dtype)
+        for _ in tf.range(calls):
+            # The dependence on the previous product keeps the calls in sequence, as in an RNN.
+            out = tf.matmul(a + out[:, :1] * 0, w)
+        return out[0, 0]
+
+    return 2 * rows * inner * cols * calls / _best_seconds(lambda: run().numpy(), reps) / 1e9
+
+
+def gemm_peaks(bf16: bool, reps: int) -> dict:
+    """Float32 and bfloat16 GEMM rates of this CPU, 2048^3 and one N=64 M=10 LSTMP time step."""
+    peaks = {"numpy_fp32_2048": numpy_peak_gflops(reps)}
+    for name, dtype in (("fp32", tf.float32),) + ((("bf16", tf.bfloat16),) if bf16 else ()):
+        peaks[f"tf_{name}_2048"] = tf_gemm_gflops(dtype, 2048, 2048, 2048, 1, reps)
+        peaks[f"tf_{name}_640x192x512"] = tf_gemm_gflops(dtype, 640, 192, 512, 160, reps)
+    return {k: round(v, 1) for k, v in peaks.items()}
 
 
 # ----------------------------------------------------------------------------- PyTorch peer
@@ -150,68 +196,74 @@ def peer_embedder(torch, config):
 
 
 # ----------------------------------------------------------------------------- sections
-def bench_training(config_args, torch, quick: bool, peak: float, rows: list, result: dict):
+def bench_training(config_args, torch, quick: bool, peaks: dict, precisions: list, rows: list,
+                   result: dict):
     result["training"] = []
     for n, m, steps in ((4, 5, 5 if quick else 15), (64, 10, 2 if quick else 5)):
-        config = configuration.parse_config(config_args + ["--N", str(n), "--M", str(m)])
-        x = np.random.default_rng(0).standard_normal((n * m, T, config.n_mels)).astype(np.float32)
-        encoder, scale = model.build_model(config)
-        optimizer = model.build_optimizer(config)
-        step = model.make_train_step(encoder, scale, optimizer, config)
-        features = tf.constant(x)
-        fns = {"ours": lambda s=step, f=features: float(s(f)[0])}
+        x = np.random.default_rng(0).standard_normal((n * m, T, 40)).astype(np.float32)
+        batch = tf.constant(x)
+        fns = {}
+        for precision in precisions:
+            config = configuration.parse_config(config_args + ["--N", str(n), "--M", str(m),
+                                                               "--precision", precision])
+            encoder, scale = model.build_model(config)
+            optimizer = model.build_optimizer(config)
+            step = model.make_train_step(encoder, scale, optimizer, config)
+            fns[precision] = lambda s=step, b=batch: float(s(b)[0])
         if torch is not None:
             fns["peer"] = peer_train_step(torch, config, n, m, x)
         timed = interleaved_ms(fns, steps, warmup=1 if quick else 2,
-                               budget=40 if quick else 240)
-        ms = timed["ours"]
+                               budget=40 if quick else 300)
         flops = 3 * 2 * macs_per_frame(config.n_mels, config.hidden, config.proj,
                                        config.num_layer) * n * m * T
-        entry = {"N": n, "M": m, "T": T, "ours_ms_per_step": round(ms, 1),
-                 "ours_utterances_per_s": round(n * m / ms * 1000, 1),
-                 "ours_gflops": round(flops / ms / 1e6, 1),
-                 "fraction_of_numpy_peak": round(flops / ms / 1e6 / peak, 3)}
+        entry = {"N": n, "M": m, "T": T}
+        for precision in precisions:
+            ms = timed[precision]
+            peak = peaks[f"tf_{precision}_2048"]
+            entry[precision] = {"ms_per_step": round(ms, 1),
+                                "utterances_per_s": round(n * m / ms * 1000, 1),
+                                "gflops": round(flops / ms / 1e6, 1),
+                                "fraction_of_peak": round(flops / ms / 1e6 / peak, 3)}
+            rows.append((f"train N={n} M={m} {precision}: ms/step; {entry[precision]['gflops']} "
+                         f"GFLOP/s = {entry[precision]['fraction_of_peak']:.0%} of {precision} "
+                         f"peak", round(ms, 1), timed.get("peer"),
+                         timed["peer"] / ms if "peer" in timed else None))
+        if "bf16" in entry:
+            entry["bf16_speedup_vs_fp32"] = round(timed["fp32"] / timed["bf16"], 2)
+            rows.append((f"  bf16 / fp32 speed, N={n} M={m}", entry["bf16_speedup_vs_fp32"],
+                         None, None))
         if torch is not None:
-            peer_ms = timed["peer"]
-            entry.update(peer_ms_per_step=round(peer_ms, 1),
-                         peer_utterances_per_s=round(n * m / peer_ms * 1000, 1),
-                         speedup_vs_peer=round(peer_ms / ms, 2))
+            entry["peer"] = {"ms_per_step": round(timed["peer"], 1),
+                             "utterances_per_s": round(n * m / timed["peer"] * 1000, 1)}
+            entry["fp32_speedup_vs_peer"] = round(timed["peer"] / timed["fp32"], 2)
         result["training"].append(entry)
-        rows.append((f"train step N={n} M={m} T={T} (utt/s)", entry["ours_utterances_per_s"],
-                     entry.get("peer_utterances_per_s", "skipped"),
-                     entry.get("speedup_vs_peer")))
-        rows.append((f"  ms/step; our GFLOP/s {entry['ours_gflops']} "
-                     f"= {entry['fraction_of_numpy_peak']:.0%} of numpy peak", round(ms, 1),
-                     entry.get("peer_ms_per_step"), None))
 
 
-def bench_embedding(config_args, torch, quick: bool, rows: list, result: dict):
-    config = configuration.parse_config(config_args)
-    encoder, _ = model.build_model(config)
-    embed = model.make_embedder(encoder, config.n_mels, config.window_frames)
+def bench_embedding(config_args, torch, quick: bool, precisions: list, rows: list,
+                    result: dict):
+    fns_of = {}
+    for precision in precisions:
+        config = configuration.parse_config(config_args + ["--precision", precision])
+        encoder, _ = model.build_model(config)
+        fns_of[precision] = model.make_embedder(encoder, config.n_mels, config.window_frames)
     peer = peer_embedder(torch, config) if torch is not None else None
     result["embedding"] = []
     for batch, steps in ((1, 20 if quick else 100), (256, 3 if quick else 10)):
         x = np.random.default_rng(1).standard_normal((batch, T, config.n_mels)).astype(np.float32)
-        fns = {"ours": lambda x=x: np.asarray(embed(x))}
+        fns = {p: (lambda x=x, e=e: np.asarray(e(x))) for p, e in fns_of.items()}
         if peer is not None:
             fns["peer"] = lambda x=x: peer(x)
         timed = interleaved_ms(fns, steps, warmup=3, block=10 if batch == 1 else 1)
-        ms = timed["ours"]
-        entry = {"batch": batch, "T": T, "ours_ms_per_call": round(ms, 2),
-                 "ours_dvectors_per_s": round(batch / ms * 1000, 1)}
-        if peer is not None:
-            peer_ms = timed["peer"]
-            entry.update(peer_ms_per_call=round(peer_ms, 2),
-                         peer_dvectors_per_s=round(batch / peer_ms * 1000, 1),
-                         speedup_vs_peer=round(peer_ms / ms, 2))
+        entry = {"batch": batch, "T": T}
+        for name, ms in timed.items():
+            entry[name] = {"ms_per_call": round(ms, 2),
+                           "dvectors_per_s": round(batch / ms * 1000, 1)}
+        for name in fns_of:
+            rows.append((f"embed batch {batch} T={T} {name}: d-vectors/s",
+                         entry[name]["dvectors_per_s"],
+                         entry["peer"]["dvectors_per_s"] if "peer" in entry else None,
+                         timed["peer"] / timed[name] if "peer" in timed else None))
         result["embedding"].append(entry)
-        rows.append((f"embed batch {batch} T={T} (d-vectors/s)", entry["ours_dvectors_per_s"],
-                     entry.get("peer_dvectors_per_s", "skipped"),
-                     entry.get("speedup_vs_peer")))
-        if batch == 1:
-            rows.append(("  batch-1 latency (ms)", entry["ours_ms_per_call"],
-                         entry.get("peer_ms_per_call"), None))
 
 
 def sample_files(root: Path, count: int) -> list[Path]:
@@ -226,10 +278,10 @@ def bench_features(config_args, files: list[Path], rows: list, result: dict):
     import librosa
     config = configuration.parse_config(config_args)
     # As preprocessing's workers and files_inference_features run; the recipe gets it too.
-    data_preprocess._keep_freed_memory()
+    features.keep_freed_memory()
     # warm up librosa/numba (first call compiles) on both paths before timing
-    warm = data_preprocess.load_audio(files[0], config.sr)
-    data_preprocess.voiced_features(warm, config)
+    warm = features.load_audio(files[0], config.sr)
+    features.voiced_features(warm, config)
     librosa.load(files[0], sr=16000)
     basis = librosa.filters.mel(sr=16000, n_fft=512, n_mels=40)
 
@@ -247,15 +299,15 @@ def bench_features(config_args, files: list[Path], rows: list, result: dict):
 
     def project(path):
         try:
-            data_preprocess.voiced_features(data_preprocess.load_audio(path, config.sr), config)
-        except data_preprocess.AudioError:  # too short / silent files still cost their time
+            features.voiced_features(features.load_audio(path, config.sr), config)
+        except features.AudioError:  # too short / silent files still cost their time
             pass
 
     hours = sum(sf.info(str(f)).duration for f in files) / 3600.0
     timed = interleaved_ms({
         "recipe": one_blas_thread(lambda: [recipe(f) for f in files]),
         "ours": one_blas_thread(lambda: [project(f) for f in files]),
-        "ours_threads": lambda: data_preprocess.files_inference_features(files, config)},
+        "ours_threads": lambda: features.files_inference_features(files, config)},
         steps=5, warmup=0, budget=240)
     timings = {name: ms / 1000.0 / hours for name, ms in timed.items()}
     result["features"] = {
@@ -288,9 +340,9 @@ def bench_pipeline(config_args, files: list[Path], rows: list, result: dict):
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        features = [f for f in data_preprocess.files_inference_features(files, config)
-                    if not isinstance(f, data_preprocess.AudioError)]
-        vectors = model.utterance_d_vectors(embed, features, config.window_frames)
+        frames = [f for f in features.files_inference_features(files, config)
+                  if not isinstance(f, features.AudioError)]
+        vectors = model.utterance_d_vectors(embed, frames, config.window_frames)
         times.append(time.perf_counter() - start)
     elapsed = statistics.median(times)
     result["pipeline"] = {"files": len(files), "utterances": int(len(vectors)),
@@ -332,10 +384,15 @@ def main(argv=None) -> int:
         print("PyTorch not installed: the peer was skipped "
               "(pip install -r tests/benchmarks/requirements.txt)")
     rows: list[tuple] = []
-    peak = numpy_peak_gflops(3)
-    result["numpy_peak_gflops"] = round(peak, 1)
-    bench_training(config_args, torch, args.quick, peak, rows, result)
-    bench_embedding(config_args, torch, args.quick, rows, result)
+    bf16 = model.bf16_supported()
+    precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
+    if not bf16:
+        print("this CPU has no avx512_bf16 / amx_bf16: the bf16 rows were skipped")
+    result["machine"]["cpu"] = cpu_description()
+    peaks = gemm_peaks(bf16, 3)
+    result["gemm_gflops"] = peaks
+    bench_training(config_args, torch, args.quick, peaks, precisions, rows, result)
+    bench_embedding(config_args, torch, args.quick, precisions, rows, result)
     files = sample_files(Path(args.audio), args.files or (40 if args.quick else 200))
     if files:
         bench_features(config_args, files, rows, result)
@@ -348,8 +405,11 @@ def main(argv=None) -> int:
     def cell(value):
         return value if isinstance(value, str) else f"{value:g}"
 
-    print(f"\nnumpy float32 2048^3 GEMM peak: {peak:.1f} GFLOP/s; cores {os.cpu_count()}; "
-          f"load {result['machine']['load_before']} -> {result['machine']['load_after']}")
+    cpu = result["machine"]["cpu"]
+    print(f"\nCPU {cpu['model']} (family {cpu.get('family')} model {cpu.get('model_number')}; "
+          f"{' '.join(cpu['flags'])}); cores {os.cpu_count()}; load "
+          f"{result['machine']['load_before']} -> {result['machine']['load_after']}")
+    print("GEMM GFLOP/s: " + ", ".join(f"{k} {v:g}" for k, v in peaks.items()))
     if result["machine"]["load_before"] and max(result["machine"]["load_before"][0],
                                                  result["machine"]["load_after"][0]) > \
             (os.cpu_count() or 1):
