@@ -1,0 +1,59 @@
+"""The ready model in pretrained/: used when no model is named, and right on real speakers it
+never saw in training (speechocean762's test split)."""
+
+import json
+import shutil
+
+import pytest
+
+import configuration
+import data_preprocess
+import main
+
+READY = main.READY_MODEL
+
+
+@pytest.fixture()
+def ready_copy(tmp_path, monkeypatch):
+    """A copy of the ready model (profiles are written beside it), standing in for pretrained/."""
+    if not (READY / "config.json").exists():
+        pytest.fail(f"{READY} holds no ready model")
+    copy = tmp_path / "pretrained"
+    shutil.copytree(READY, copy, ignore=shutil.ignore_patterns("profiles"))
+    monkeypatch.setattr(main, "READY_MODEL", copy)
+    monkeypatch.chdir(tmp_path)  # no ./tisv_model here
+    return copy
+
+
+def test_the_ready_model_is_used_only_when_no_model_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = configuration.parse_config(["--verify", "x", "--audio", "a.wav"])
+    main.choose_model(config)
+    assert config.model_path == str(READY)
+    named = configuration.parse_config(["--verify", "x", "--audio", "a.wav", "--model_path", "M"])
+    main.choose_model(named)
+    assert named.model_path == "M"
+    (tmp_path / "tisv_model").mkdir()
+    (tmp_path / "tisv_model" / "config.json").write_text("{}")
+    trained = configuration.parse_config(["--verify", "x", "--audio", "a.wav"])
+    main.choose_model(trained)
+    assert trained.model_path == "./tisv_model"
+    training = configuration.parse_config(["--train", "True"])
+    main.choose_model(training)
+    assert training.model_path == "./tisv_model"
+
+
+def test_ready_model_accepts_and_rejects_held_out_speakers(shared_data, ready_copy, capsys):
+    corpus = shared_data / "speechocean762"
+    tree = data_preprocess.find_utterances(corpus)
+    saved = json.loads((ready_copy / "config.json").read_text())
+    _, test = data_preprocess.split_speakers(sorted(tree), saved["test_ratio"], saved["seed"])
+    alice, bob = test[0], test[1]
+    enroll = [str(corpus / p) for p in tree[alice][:5]]
+    assert main.main(["--enroll", alice, "--audio", *enroll]) == 0
+    assert f"using the ready model {ready_copy}" in capsys.readouterr().out
+    for probe, decision in ((tree[alice][6], "ACCEPT"), (tree[bob][0], "REJECT")):
+        assert main.main(["--verify", alice, "--audio", str(corpus / probe)]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert line.endswith(decision), line
+        assert "operating threshold" in line
