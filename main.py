@@ -26,7 +26,9 @@ def import_tensorflow():
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
         import tensorflow as tf
         return tf
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    # 3, not 2: oneDNN reports its Eigen fallback for boolean ops at ERROR level at run time;
+    # TensorFlow's real errors reach the user as Python exceptions.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:

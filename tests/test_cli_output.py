@@ -10,7 +10,7 @@ from robust_corpus import preprocessed
 import main
 
 NOISE = ("oneDNN custom operations", "absl::InitializeLog", "XLA service", "Compiled cluster",
-         "cpu_feature_guard", "I0000 ")
+         "cpu_feature_guard", "I0000 ", "oneDNN supports DT_BOOL")
 
 
 def _run(flags: list[str], **env: str) -> str:
@@ -27,9 +27,12 @@ def test_train_and_test_print_no_tensorflow_startup_lines(tmp_path_factory, tmp_
                                               "--results_path", str(tmp_path / "results")]
     trained = _run(flags + ["--train", "True", "--iteration", "2", "--save_every", "2"])
     tested = _run(flags + ["--train", "False"])
+    audio = sorted((tmp_path_factory.getbasetemp()).glob("robust_store*/audio/spk00/*.wav"))
+    enrolled = _run(flags + ["--enroll", "spk00", "--audio", *map(str, audio[:2])])
     assert "trained to step 2" in trained
     assert "EER" in tested
-    for line in (trained + tested).splitlines():
+    assert "enrolled 'spk00'" in enrolled
+    for line in (trained + tested + enrolled).splitlines():
         assert not any(noise in line for noise in NOISE), line
     # The user's own log level turns TensorFlow's logging back on, untouched.
     loud = _run(flags + ["--train", "False"], TF_CPP_MIN_LOG_LEVEL="0")
