@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import configuration
@@ -20,7 +21,7 @@ STARTUP_NOISE = re.compile(r"^([IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] |WARN
                            r"instructions:)")
 
 
-def import_tensorflow():
+def import_tensorflow() -> types.ModuleType:
     """TensorFlow, imported without its C++ start-up logging (unless the user set
     TF_CPP_MIN_LOG_LEVEL); any other line it prints on stderr while loading is kept."""
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
@@ -47,6 +48,7 @@ def import_tensorflow():
 
 
 def uses_a_model(config: argparse.Namespace) -> bool:
+    """Whether the command reads a trained model (everything but training and --summarize)."""
     return bool(config.enroll or config.verify or config.identify or config.embed
                 or config.export or (not config.train and not config.summarize))
 
