@@ -130,122 +130,192 @@ class LSTMPCell(keras.layers.Layer):
                                           shape=(self.units, self.proj_units))
 
 
-def _lstmp_scan(frames, kernel, bias, projection, forget_bias, mask=None, save=False):
-    """The recurrence over time-major frames [T,B,F].
-
-    Returns h [T,B,P] and, with save=True, TensorArrays of sigma(i), tanh(j), sigma(f),
-    sigma(o), c and tanh(c) [B,H] per frame, which the hand-written backward pass reads.
-    mask [T,B,1] (padding at the end): a masked frame keeps the state, so h[-1] is each row's
-    state at its last real frame.
-    """
-    steps, batch = tf.shape(frames)[0], tf.shape(frames)[1]
-    units, proj_units = tf.shape(projection)[0], tf.shape(projection)[1]
-    inputs = tf.TensorArray(tf.float32, size=steps).unstack(frames)
-    masks = None if mask is None else tf.TensorArray(tf.bool, size=steps).unstack(mask)
-    names = ("h", "i", "j", "f", "o", "c", "tanh_c") if save else ("h",)
-    # The backward pass reads c and h twice (frame t, and as the previous state of t + 1).
-    arrays = {name: tf.TensorArray(tf.float32, size=steps, clear_after_read=False)
-              for name in names}
-
-    def body(t, h, c, arrays):
-        gates = _matmul(tf.concat([inputs.read(t), h], axis=-1), kernel) + bias
-        i, j, f, o = tf.split(gates, 4, axis=-1)
-        i, j, f, o = tf.sigmoid(i), tf.tanh(j), tf.sigmoid(f + forget_bias), tf.sigmoid(o)
-        c_new = f * c + i * j
-        tanh_c = tf.tanh(c_new)
-        h_new = _matmul(o * tanh_c, projection)
-        if masks is not None:
-            real = masks.read(t)
-            h_new, c_new = tf.where(real, h_new, h), tf.where(real, c_new, c)
-        values = {"h": h_new, "i": i, "j": j, "f": f, "o": o, "c": c_new, "tanh_c": tanh_c}
-        return t + 1, h_new, c_new, {k: a.write(t, values[k]) for k, a in arrays.items()}
-
-    _, _, _, arrays = tf.while_loop(
-        lambda t, *_: t < steps, body,
-        (tf.constant(0), tf.zeros([batch, proj_units]), tf.zeros([batch, units]), arrays))
-    # The saved activations stay tensor lists: stacking them (and splitting them again in the
-    # backward pass) would copy [T,B,H] tensors through memory, ~2x slower at N=64 M=10.
-    return {name: array.stack() if name == "h" else array for name, array in arrays.items()}
-
-
-def _lstmp_backward(saved, frames, dh_out, kernel, projection, input_gradient):
-    """BPTT through _lstmp_scan, one frame at a time (each frame's operands stay in cache):
-    gradients of the frames [T,B,F] (None without input_gradient), kernel, bias, projection."""
-    steps, dim = tf.shape(dh_out)[0], frames.shape[-1]
-    arrays = {**saved, "dh_out": tf.TensorArray(tf.float32, size=steps).unstack(dh_out),
-              "x": tf.TensorArray(tf.float32, size=steps).unstack(frames),
-              "h": tf.TensorArray(tf.float32, size=steps,
-                                   clear_after_read=False).unstack(saved["h"])}
-    d_frames = tf.TensorArray(tf.float32, size=steps)
-
-    def previous(name, t):
-        # The state before frame 0 is zero.
-        return arrays[name].read(tf.maximum(t - 1, 0)) * tf.cast(t > 0, tf.float32)
-
-    def body(t, dh_next, dc_next, d_kernel, d_bias, d_projection, d_frames):
-        i, j, f, o = (arrays[k].read(t) for k in ("i", "j", "f", "o"))
-        tanh_c = arrays["tanh_c"].read(t)
-        dh = arrays["dh_out"].read(t) + dh_next
-        dm = _matmul(dh, projection, transpose_b=True)
-        d_projection += _matmul(o * tanh_c, tf.cast(dh, projection.dtype), transpose_a=True)
-        dc = dc_next + dm * o * (1.0 - tanh_c * tanh_c)
-        d_gate = tf.concat([dc * j * i * (1.0 - i), dc * i * (1.0 - j * j),
-                            dc * previous("c", t) * f * (1.0 - f),
-                            dm * tanh_c * o * (1.0 - o)], axis=-1)
-        inputs = tf.concat([arrays["x"].read(t), previous("h", t)], axis=-1)
-        d_kernel += _matmul(inputs, tf.cast(d_gate, kernel.dtype), transpose_a=True)
-        d_inputs = _matmul(d_gate, kernel, transpose_b=True)
-        if input_gradient:
-            d_frames = d_frames.write(t, d_inputs[:, :dim])
-        return (t - 1, d_inputs[:, dim:], dc * f, d_kernel, d_bias + tf.reduce_sum(d_gate, 0),
-                d_projection, d_frames)
-
-    start = (steps - 1, tf.zeros_like(dh_out[0]),
-             tf.zeros([tf.shape(dh_out)[1], projection.shape[0]]),
-             tf.zeros(kernel.shape), tf.zeros(kernel.shape[-1:]), tf.zeros(projection.shape),
-             d_frames)
-    _, _, _, d_kernel, d_bias, d_projection, d_frames = tf.while_loop(
-        lambda t, *_: t >= 0, body, start)
-    return (d_frames.stack() if input_gradient else None), d_kernel, d_bias, d_projection
-
-
 class LSTMP(keras.layers.Layer):
-    """One LSTMP layer over time-major frames [T,B,F] -> h [T,B,P].
+    """One LSTMP layer's weights; the encoder runs all layers together (_stack_forward)."""
 
-    In training (no mask) the backward pass is written out (_lstmp_backward) rather than left
-    to the autodiff of the time loop: fewer ops per frame. Matmul operands are in matmul_dtype;
-    everything else is float32.
-    """
-
-    def __init__(self, units: int, proj_units: int, input_gradient: bool = True, **kwargs):
+    def __init__(self, units: int, proj_units: int, **kwargs):
         super().__init__(**kwargs)
         self.cell = LSTMPCell(units, proj_units)
-        self.input_gradient = input_gradient
         self.matmul_dtype = tf.float32
-        self.supports_masking = True
 
     def build(self, input_shape) -> None:
         self.cell.build(input_shape)
 
-    def call(self, frames, mask=None, training=False):
+    def stack_weights(self) -> list[tf.Tensor]:
+        """kernel, bias, projection in _one_sigmoid_form, matmul operands in matmul_dtype."""
         cell = self.cell
-        kernel = tf.cast(tf.convert_to_tensor(cell.kernel), self.matmul_dtype)
-        projection = tf.cast(tf.convert_to_tensor(cell.projection), self.matmul_dtype)
-        bias = tf.convert_to_tensor(cell.bias)
-        if mask is not None or not training:
-            return _lstmp_scan(frames, kernel, bias, projection, cell.forget_bias, mask)["h"]
+        kernel, bias = _one_sigmoid_form(tf.convert_to_tensor(cell.kernel),
+                                         tf.convert_to_tensor(cell.bias), cell.forget_bias)
+        return [tf.cast(kernel, self.matmul_dtype), bias,
+                tf.cast(tf.convert_to_tensor(cell.projection), self.matmul_dtype)]
 
-        @tf.custom_gradient
-        def run(frames, kernel, bias, projection):
-            saved = _lstmp_scan(frames, kernel, bias, projection, cell.forget_bias, save=True)
 
-            def grad(dh_out):
-                return _lstmp_backward(saved, frames, dh_out, kernel, projection,
-                                       self.input_gradient)
+def _one_sigmoid_form(kernel, bias, forget_bias):
+    """kernel, bias with the j columns doubled and the forget bias folded in, so that one
+    sigmoid gives all four gates: tanh(j) = 2 sigma(2j) - 1."""
+    units = kernel.shape[-1] // 4
+    scale = tf.concat([tf.ones([units]), tf.fill([units], 2.0), tf.ones([2 * units])], 0)
+    shift = tf.concat([tf.zeros([2 * units]), tf.fill([units], forget_bias), tf.zeros([units])], 0)
+    return kernel * scale, (bias + shift) * scale
 
-            return saved["h"], grad
 
-        return run(frames, kernel, bias, projection)
+def _cell_forward(x, h, c, kernel, bias, projection):
+    """One frame of one layer, weights in _one_sigmoid_form: h, c, and what BPTT reads."""
+    sigma = tf.sigmoid(_matmul(tf.concat([x, h], axis=-1), kernel) + bias)
+    i, j, f, o = tf.split(sigma, 4, axis=-1)
+    c_new = f * c + i * (2.0 * j - 1.0)
+    tanh_c = tf.tanh(c_new)
+    m = o * tanh_c
+    h_new = _matmul(m, projection)
+    return h_new, c_new, {"h": h_new, "c": c_new, "sigma": sigma, "tanh_c": tanh_c, "m": m}
+
+
+def _wavefront(run, layers, steps, state, order):
+    """Drive run(k, active_layers, state) over a wavefront of `layers` layers and `steps` frames:
+    step k serves frame k - order(l) of layer l, so a step's layers are independent of each
+    other and TensorFlow runs them side by side. The ramps (not every layer has a frame yet, or
+    still one) are unrolled; the steady part is a while loop."""
+    for k in range(layers - 1):
+        state = run(k, [lay for lay in range(layers) if order(lay) <= k], state)
+    state = tf.while_loop(lambda k, _: k < steps, lambda k, s: (k + 1, run(k, range(layers), s)),
+                          (tf.constant(layers - 1), state))[1]
+    for e in range(1, layers):
+        state = run(steps + e - 1, [lay for lay in range(layers) if order(lay) >= e], state)
+    return state
+
+
+def _stack_forward(frames, weights, mask=None, save=False):
+    """All layers over time-major frames [T,B,F], weights (kernel, bias, projection) per layer
+    in _one_sigmoid_form: the top layer's last h [B,P] and, with save=True, per layer the
+    tensor lists BPTT reads (index t of sigma, tanh c, m is frame t; index t + 1 of h, c is
+    frame t, index 0 the zero state).
+
+    mask [T,B,1] (padding at the end): a masked frame keeps the state, so each row ends with
+    its state at its last real frame. TensorFlow differentiates the loops when given a mask.
+    """
+    layers = len(weights)
+    steps, batch = tf.shape(frames)[0], tf.shape(frames)[1]
+    tf.debugging.assert_greater_equal(steps, layers - 1,
+                                      message=f"fewer frames than the {layers - 1} of a ramp")
+    inputs = tf.TensorArray(tf.float32, size=steps).unstack(frames)
+    # Every layer reads the mask of its frame.
+    masks = None if mask is None else tf.TensorArray(
+        tf.bool, size=steps, clear_after_read=False).unstack(mask)
+    shifted = ("h", "c")
+
+    def lists(size):
+        # Kept after a read: the backward pass may run more than once (a persistent tape).
+        return tf.TensorArray(tf.float32, size=size, clear_after_read=False)
+
+    state = []
+    for _, _, projection in weights:
+        units, proj_units = projection.shape
+        layer = {"h": tf.zeros([batch, proj_units]), "c": tf.zeros([batch, units])}
+        if save:
+            layer["saved"] = {"h": lists(steps + 1).write(0, layer["h"]),
+                              "c": lists(steps + 1).write(0, layer["c"]),
+                              "sigma": lists(steps), "tanh_c": lists(steps), "m": lists(steps)}
+        state.append(layer)
+
+    def run(k, active, state):
+        new = list(state)
+        for lay in active:
+            t = k - lay
+            # Layer l's input is layer l-1's h of the previous step: its frame t.
+            x = inputs.read(t) if lay == 0 else state[lay - 1]["h"]
+            h, c, values = _cell_forward(x, state[lay]["h"], state[lay]["c"], *weights[lay])
+            if masks is not None:
+                real = masks.read(t)
+                h, c = tf.where(real, h, state[lay]["h"]), tf.where(real, c, state[lay]["c"])
+            new[lay] = {"h": h, "c": c}
+            if save:
+                saved = state[lay]["saved"]
+                new[lay]["saved"] = {name: saved[name].write(t + 1 if name in shifted else t,
+                                                             value)
+                                     for name, value in values.items()}
+        return new
+
+    state = _wavefront(run, layers, steps, state, order=lambda lay: lay)
+    return state[-1]["h"], [layer.get("saved") for layer in state]
+
+
+def _cell_backward(dh, dc_next, x, saved, t, kernel, projection, dim, grads):
+    """BPTT through one frame of one layer: the gradients of its input x (None when dim is
+    None) and previous h and c, and the weight gradients summed so far."""
+    sigma, tanh_c = saved["sigma"].read(t), saved["tanh_c"].read(t)
+    h_prev, c_prev = saved["h"].read(t), saved["c"].read(t)
+    i, j, f, o = tf.split(sigma, 4, axis=-1)
+    dm = _matmul(dh, projection, transpose_b=True)
+    dc = dc_next + dm * o * (1.0 - tanh_c * tanh_c)
+    d_sigma = tf.concat([dc * (2.0 * j - 1.0), 2.0 * dc * i, dc * c_prev, dm * tanh_c], axis=-1)
+    dz = d_sigma * sigma * (1.0 - sigma)
+    if dim is None:
+        dx, dh_prev = None, _matmul(dz, kernel[-projection.shape[1]:], transpose_b=True)
+    else:
+        dx, dh_prev = tf.split(_matmul(dz, kernel, transpose_b=True), [dim, -1], axis=-1)
+    inputs = tf.concat([x, h_prev], axis=-1)
+    grads = {"kernel": grads["kernel"] + _matmul(inputs, tf.cast(dz, kernel.dtype),
+                                                  transpose_a=True),
+             "bias": grads["bias"] + tf.reduce_sum(dz, axis=0),
+             "projection": grads["projection"] + _matmul(saved["m"].read(t),
+                                                          tf.cast(dh, projection.dtype),
+                                                          transpose_a=True)}
+    return dx, dh_prev, dc * f, grads
+
+
+def _stack_backward(saved, frames, d_top, weights):
+    """BPTT through _stack_forward, as a wavefront from the last frame of the top layer: the
+    gradients of each layer's kernel, bias, projection (the features need none)."""
+    layers = len(weights)
+    steps, batch = tf.shape(frames)[0], tf.shape(frames)[1]
+    inputs = tf.TensorArray(tf.float32, size=steps).unstack(frames)
+    state = []
+    for kernel, bias, projection in weights:
+        state.append({"up": tf.zeros_like(d_top), "dh": tf.zeros_like(d_top),
+                      "dc": tf.zeros([batch, projection.shape[0]]),
+                      "grads": {"kernel": tf.zeros(kernel.shape), "bias": tf.zeros(bias.shape),
+                                "projection": tf.zeros(projection.shape)}})
+    state[-1]["up"] = d_top
+
+    def run(s, active, state):
+        new = list(state)
+        for lay in active:
+            t = steps - 1 - s + (layers - 1 - lay)
+            kernel, _, projection = weights[lay]
+            x = inputs.read(t) if lay == 0 else saved[lay - 1]["h"].read(t + 1)
+            dim = None if lay == 0 else kernel.shape[0] - projection.shape[1]
+            dx, dh_prev, dc_prev, grads = _cell_backward(
+                state[lay]["up"] + state[lay]["dh"], state[lay]["dc"], x, saved[lay], t,
+                kernel, projection, dim, state[lay]["grads"])
+            # The gradient from above reaches a layer one step later (when it serves frame t).
+            up = tf.zeros_like(d_top) if lay == layers - 1 else new[lay]["up"]
+            new[lay] = {"up": up, "dh": dh_prev, "dc": dc_prev, "grads": grads}
+            if lay > 0:
+                new[lay - 1] = {**new[lay - 1], "up": dx}
+        return new
+
+    # Processing layers bottom-up inside a step lets layer l+1 hand its dx to layer l.
+    state = _wavefront(run, layers, steps, state, order=lambda lay: layers - 1 - lay)
+    return [layer["grads"][name] for layer in state
+            for name in ("kernel", "bias", "projection")]
+
+
+def _train_stack(frames, weights):
+    """The top layer's last h [B,P] in training, with the hand-written BPTT: fewer ops per
+    frame than autodiff of the time loop."""
+
+    @tf.custom_gradient
+    def run(frames, *flat):
+        layers = [flat[i:i + 3] for i in range(0, len(flat), 3)]
+        top, saved = _stack_forward(frames, layers, save=True)
+
+        def grad(d_top):
+            return (None, *_stack_backward(saved, frames, d_top, layers))
+
+        return top, grad
+
+    # TensorFlow differentiates _one_sigmoid_form: the gradients reach the variables.
+    return run(frames, *[w for layer in weights for w in layer])
 
 
 class SpeakerEncoder(keras.Model):
@@ -258,12 +328,15 @@ class SpeakerEncoder(keras.Model):
     def __init__(self, hidden: int, proj: int, num_layer: int, precision: str = "fp32",
                  **kwargs):
         super().__init__(**kwargs)
-        # The first layer's input is the features: nothing upstream needs its gradient.
-        self.rnns = [LSTMP(hidden, proj, input_gradient=layer > 0) for layer in range(num_layer)]
+        self.rnns = [LSTMP(hidden, proj) for _ in range(num_layer)]
         dtype = matmul_dtype(precision)
         for rnn in self.rnns:
             rnn.matmul_dtype = dtype
         self.supports_masking = True
+
+    def build(self, input_shape) -> None:
+        for layer, rnn in enumerate(self.rnns):
+            rnn.build((None, input_shape[-1] if layer == 0 else rnn.cell.proj_units))
 
     def compute_mask(self, inputs, mask=None):
         return None  # a d-vector has no time axis left to mask
@@ -271,12 +344,14 @@ class SpeakerEncoder(keras.Model):
     def call(self, features, mask=None, training=False):
         """mask [B,T] (True = real frame, padding at the end): the d-vector of each row is taken
         at its last real frame, as if the row had not been padded."""
-        x = tf.transpose(features, [1, 0, 2])
-        if mask is not None:
-            mask = tf.transpose(mask)[:, :, None]
-        for rnn in self.rnns:
-            x = rnn(x, mask=mask, training=training)
-        return tf.math.l2_normalize(x[-1], axis=-1, epsilon=1e-12)
+        frames = tf.transpose(features, [1, 0, 2])
+        weights = [rnn.stack_weights() for rnn in self.rnns]
+        if mask is None and training:
+            top = _train_stack(frames, weights)
+        else:
+            mask = None if mask is None else tf.transpose(mask)[:, :, None]
+            top = _stack_forward(frames, weights, mask)[0]
+        return tf.math.l2_normalize(top, axis=-1, epsilon=1e-12)
 
 
 class GE2EScale(keras.layers.Layer):
