@@ -392,19 +392,23 @@ def test_scale_returns_abs_w():
 # 4. the hand-written backward pass, masking, and --precision bf16
 # ----------------------------------------------------------------------------------------------
 
-def test_training_gradients_match_autodiff_of_the_recurrence():
+@pytest.mark.parametrize("num_layer, steps", [(3, 9), (1, 4), (2, 1), (4, 3)])
+def test_training_gradients_match_autodiff_of_the_recurrence(num_layer, steps):
     # Training (no mask) runs the hand-written BPTT; with a mask the layers are differentiated by
-    # TensorFlow's autodiff of the same time loop: an all-True mask gives the reference.
+    # TensorFlow's autodiff of the time loop: an all-True mask gives the reference. The shapes
+    # cover the wavefront's ramps: one layer (none), and as few frames as a ramp has steps.
     rng = np.random.default_rng(5)
-    encoder = model.SpeakerEncoder(hidden=8, proj=5, num_layer=3)
-    features = tf.constant(rng.normal(0.0, 1.0, (6, 9, 4)).astype(np.float32))
+    encoder = model.SpeakerEncoder(hidden=8, proj=5, num_layer=num_layer)
+    features = tf.constant(rng.normal(0.0, 1.0, (6, steps, 4)).astype(np.float32))
     encoder(features)
     _randomise_encoder(encoder, rng, scale=0.5)
     weights = tf.constant(rng.normal(size=(6, 5)).astype(np.float32))
     with tf.GradientTape(persistent=True) as tape:
         fused = encoder(features, training=True)
-        autodiff = encoder(features, mask=tf.ones((6, 9), tf.bool), training=True)
+        autodiff = encoder(features, mask=tf.ones((6, steps), tf.bool), training=True)
         losses = [tf.reduce_sum(out * weights) for out in (fused, autodiff)]
+    expected = _numpy_lstmp_encoder(features.numpy(), [_cell_weights(r) for r in encoder.rnns])
+    np.testing.assert_allclose(fused.numpy(), expected, atol=1e-5)
     np.testing.assert_allclose(fused.numpy(), autodiff.numpy(), atol=1e-6)
     for var in encoder.trainable_variables:
         got, want = (tape.gradient(loss, var).numpy() for loss in losses)
