@@ -195,8 +195,8 @@ def _stack_forward(frames, weights, mask=None, save=False):
     """
     layers = len(weights)
     steps, batch = tf.shape(frames)[0], tf.shape(frames)[1]
-    tf.debugging.assert_greater_equal(steps, layers - 1,
-                                      message=f"fewer frames than the {layers - 1} of a ramp")
+    tf.debugging.assert_greater_equal(
+        steps, layers - 1, message=f"a {layers}-layer stack needs at least {layers - 1} frames")
     inputs = tf.TensorArray(tf.float32, size=steps).unstack(frames)
     # Every layer reads the mask of its frame.
     masks = None if mask is None else tf.TensorArray(
@@ -240,8 +240,9 @@ def _stack_forward(frames, weights, mask=None, save=False):
 
 
 def _cell_backward(dh, dc_next, x, saved, t, kernel, projection, dim, grads):
-    """BPTT through one frame of one layer: the gradients of its input x (None when dim is
-    None) and previous h and c, and the weight gradients summed so far."""
+    """BPTT through one frame of one layer: the gradients of its input x and previous h and c,
+    and the weight gradients summed so far. dim None: kernel holds only the rows of h, and x
+    gets no gradient."""
     sigma, tanh_c = saved["sigma"].read(t), saved["tanh_c"].read(t)
     h_prev, c_prev = saved["h"].read(t), saved["c"].read(t)
     i, j, f, o = tf.split(sigma, 4, axis=-1)
@@ -250,7 +251,7 @@ def _cell_backward(dh, dc_next, x, saved, t, kernel, projection, dim, grads):
     d_sigma = tf.concat([dc * (2.0 * j - 1.0), 2.0 * dc * i, dc * c_prev, dm * tanh_c], axis=-1)
     dz = d_sigma * sigma * (1.0 - sigma)
     if dim is None:
-        dx, dh_prev = None, _matmul(dz, kernel[-projection.shape[1]:], transpose_b=True)
+        dx, dh_prev = None, _matmul(dz, kernel, transpose_b=True)
     else:
         dx, dh_prev = tf.split(_matmul(dz, kernel, transpose_b=True), [dim, -1], axis=-1)
     inputs = tf.concat([x, h_prev], axis=-1)
@@ -276,17 +277,20 @@ def _stack_backward(saved, frames, d_top, weights):
                       "grads": {"kernel": tf.zeros(kernel.shape), "bias": tf.zeros(bias.shape),
                                 "projection": tf.zeros(projection.shape)}})
     state[-1]["up"] = d_top
+    # The features need no gradient: layer 0 multiplies by its kernel's rows of h alone.
+    kernels = [kernel[-projection.shape[1]:] if lay == 0 else kernel
+               for lay, (kernel, _, projection) in enumerate(weights)]
 
     def run(s, active, state):
         new = list(state)
         for lay in active:
             t = steps - 1 - s + (layers - 1 - lay)
-            kernel, _, projection = weights[lay]
+            projection = weights[lay][2]
             x = inputs.read(t) if lay == 0 else saved[lay - 1]["h"].read(t + 1)
-            dim = None if lay == 0 else kernel.shape[0] - projection.shape[1]
+            dim = None if lay == 0 else kernels[lay].shape[0] - projection.shape[1]
             dx, dh_prev, dc_prev, grads = _cell_backward(
                 state[lay]["up"] + state[lay]["dh"], state[lay]["dc"], x, saved[lay], t,
-                kernel, projection, dim, state[lay]["grads"])
+                kernels[lay], projection, dim, state[lay]["grads"])
             # The gradient from above reaches a layer one step later (when it serves frame t).
             up = tf.zeros_like(d_top) if lay == layers - 1 else new[lay]["up"]
             new[lay] = {"up": up, "dh": dh_prev, "dc": dc_prev, "grads": grads}
