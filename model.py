@@ -159,13 +159,30 @@ def _one_sigmoid_form(kernel, bias, forget_bias):
     return kernel * scale, (bias + shift) * scale
 
 
-def _cell_forward(x, h, c, kernel, bias, projection):
-    """One frame of one layer, weights in _one_sigmoid_form: h, c, and what BPTT reads."""
-    sigma = tf.sigmoid(_matmul(tf.concat([x, h], axis=-1), kernel) + bias)
+# XLA fuses each frame's elementwise ops into one pass over memory (8-14 % of a step at N >= 16);
+# the matmuls between them stay on oneDNN.
+@tf.function(jit_compile=True)
+def _gates(z, bias, c):
+    """One sigmoid for the four gates (_one_sigmoid_form): sigma, c_t, tanh c_t and m_t."""
+    sigma = tf.sigmoid(z + bias)
     i, j, f, o = tf.split(sigma, 4, axis=-1)
     c_new = f * c + i * (2.0 * j - 1.0)
     tanh_c = tf.tanh(c_new)
-    m = o * tanh_c
+    return sigma, c_new, tanh_c, o * tanh_c
+
+
+@tf.function(jit_compile=True)
+def _gate_grads(dm, dc_next, sigma, tanh_c, c_prev):
+    """The gradient of the gates' pre-activations and the part of dc that reaches c_{t-1}."""
+    i, j, f, o = tf.split(sigma, 4, axis=-1)
+    dc = dc_next + dm * o * (1.0 - tanh_c * tanh_c)
+    d_sigma = tf.concat([dc * (2.0 * j - 1.0), 2.0 * dc * i, dc * c_prev, dm * tanh_c], axis=-1)
+    return d_sigma * sigma * (1.0 - sigma), dc * f
+
+
+def _cell_forward(x, h, c, kernel, bias, projection):
+    """One frame of one layer, weights in _one_sigmoid_form: h, c, and what BPTT reads."""
+    sigma, c_new, tanh_c, m = _gates(_matmul(tf.concat([x, h], axis=-1), kernel), bias, c)
     h_new = _matmul(m, projection)
     return h_new, c_new, {"h": h_new, "c": c_new, "sigma": sigma, "tanh_c": tanh_c, "m": m}
 
@@ -245,11 +262,8 @@ def _cell_backward(dh, dc_next, x, saved, t, kernel, projection, dim, grads):
     gets no gradient."""
     sigma, tanh_c = saved["sigma"].read(t), saved["tanh_c"].read(t)
     h_prev, c_prev = saved["h"].read(t), saved["c"].read(t)
-    i, j, f, o = tf.split(sigma, 4, axis=-1)
     dm = _matmul(dh, projection, transpose_b=True)
-    dc = dc_next + dm * o * (1.0 - tanh_c * tanh_c)
-    d_sigma = tf.concat([dc * (2.0 * j - 1.0), 2.0 * dc * i, dc * c_prev, dm * tanh_c], axis=-1)
-    dz = d_sigma * sigma * (1.0 - sigma)
+    dz, dc_f = _gate_grads(dm, dc_next, sigma, tanh_c, c_prev)
     if dim is None:
         dx, dh_prev = None, _matmul(dz, kernel, transpose_b=True)
     else:
@@ -261,7 +275,7 @@ def _cell_backward(dh, dc_next, x, saved, t, kernel, projection, dim, grads):
              "projection": grads["projection"] + _matmul(saved["m"].read(t),
                                                           tf.cast(dh, projection.dtype),
                                                           transpose_a=True)}
-    return dx, dh_prev, dc * f, grads
+    return dx, dh_prev, dc_f, grads
 
 
 def _stack_backward(saved, frames, d_top, weights):

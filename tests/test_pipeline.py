@@ -37,7 +37,10 @@ def test_embedded_corpus_end_to_end(tmp_path, capsys, mode):
     summary = model.train(config)
     losses = np.asarray(summary["losses"])
     assert len(losses) == 300
-    assert losses[-50:].mean() < 0.8 * losses[:50].mean()
+    # Chance: every similarity equal, so each utterance's loss (eq. 6) is ln N. A drop relative
+    # to the first steps would depend on the seed's trajectory: most of it happens in them.
+    chance = config.N * config.M * np.log(config.N)
+    assert losses[-50:].mean() < 0.8 * chance
     assert (tmp_path / mode / "model" / "config.json").exists()
     assert list((tmp_path / mode / "model" / "logs").iterdir()), "no TensorBoard events"
 
