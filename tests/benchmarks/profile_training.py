@@ -34,8 +34,9 @@ import model  # noqa: E402
 T = 160
 # TF's MatMul is an Eigen contraction whose inner kernel is oneDNN's JIT-compiled sgemm (every
 # oneDNN call in a step is gemm_api, by ONEDNN_VERBOSE); Eigen packs the operand blocks for it.
+# XLA's fused gate ops are JIT code too: perf cannot tell the two apart.
 GROUPS = (
-    ("GEMM arithmetic (oneDNN JIT sgemm kernels)", lambda dso, sym: dso.startswith("[JIT]")
+    ("JIT code: oneDNN sgemm + XLA-fused gates", lambda dso, sym: dso.startswith("[JIT]")
      or "dnnl::" in sym),
     ("GEMM operand packing (Eigen gemm_pack)", lambda dso, sym: "gemm_pack" in sym),
     ("elementwise ops and reductions (Eigen TensorExecutor)",
