@@ -416,6 +416,42 @@ def test_training_gradients_match_autodiff_of_the_recurrence(num_layer, steps):
         np.testing.assert_allclose(got, want, atol=1e-5 * np.max(np.abs(want)), err_msg=var.path)
 
 
+@pytest.mark.parametrize("dim", [None, 3])
+def test_the_oneDNN_frame_that_bf16_runs_equals_the_fused_fp32_frame(dim):
+    # bf16 runs a frame as separate matmuls (oneDNN's AMX path), fp32 as one XLA kernel; the
+    # tests above reach only the fused one on a CPU without bf16. Its backward pass is checked
+    # against autodiff of the forward frame.
+    rng = np.random.default_rng(8)
+    units, proj, width, rows = 6, 4, 3, 5
+
+    def draw(*shape):
+        return tf.constant(rng.normal(0.0, 0.7, shape).astype(np.float32))
+
+    x, h, c = draw(rows, width), draw(rows, proj), draw(rows, units)
+    kernel, bias, projection = draw(width + proj, 4 * units), draw(4 * units), draw(units, proj)
+    dh, dc_next = draw(rows, proj), draw(rows, units)
+    with tf.GradientTape() as tape:
+        tape.watch([x, h, c, kernel, bias, projection])
+        h_new, c_new, sigma, tanh_c, m = model._frame(x, h, c, kernel, bias, projection)
+        loss = tf.reduce_sum(h_new * dh) + tf.reduce_sum(c_new * dc_next)
+    want = tape.gradient(loss, [x, h, c, kernel, bias, projection])
+    for got, ref in zip(model._fused_frame(x, h, c, kernel, bias, projection),
+                        (h_new, c_new, sigma, tanh_c, m)):
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-6)
+    zeros = {"kernel": tf.zeros(kernel.shape), "bias": tf.zeros(bias.shape),
+             "projection": tf.zeros(projection.shape)}
+    back_kernel = kernel if dim else kernel[width:]
+    for grads_of in (model._frame_grads, model._fused_frame_grads):
+        dx, dh_prev, dc_prev, grads = grads_of(dh, dc_next, x, h, c, sigma, tanh_c, m,
+                                               back_kernel, projection, dim, zeros)
+        assert (dx is None) == (dim is None)
+        if dim:
+            np.testing.assert_allclose(dx.numpy(), want[0].numpy(), atol=1e-5)
+        for got, ref in zip((dh_prev, dc_prev, grads["kernel"], grads["bias"],
+                             grads["projection"]), want[1:]):
+            np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5)
+
+
 def test_masked_rows_read_their_last_real_frame():
     rng = np.random.default_rng(6)
     encoder = model.SpeakerEncoder(hidden=8, proj=5, num_layer=2)
