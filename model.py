@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import math
 import re
@@ -81,14 +82,19 @@ def ge2e_loss(embeddings: tf.Tensor, w: tf.Tensor, b: tf.Tensor, kind: str = "so
 
 
 
-def bf16_supported(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU has bfloat16 matrix instructions (AVX512_BF16 or AMX-BF16), which
-    oneDNN's bfloat16 matmuls need."""
+def _cpu_has(flags: str, cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+    """True when /proc/cpuinfo lists one of the |-separated CPU flags."""
     try:
         cpuinfo = Path(cpuinfo_path).read_text()
     except OSError:
         return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+    return re.search(rf"\b({flags})\b", cpuinfo) is not None
+
+
+def bf16_supported(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU has bfloat16 matrix instructions (AVX512_BF16 or AMX-BF16), which
+    oneDNN's bfloat16 matmuls need."""
+    return _cpu_has("avx512_bf16|amx_bf16", cpuinfo_path)
 
 
 def matmul_dtype(precision: str) -> tf.DType:
@@ -203,16 +209,28 @@ def _frame_grads(dh, dc_next, x, h_prev, c_prev, sigma, tanh_c, m, kernel, proje
     return dx, dh_prev, dc_prev, grads
 
 
-# In fp32 XLA also takes a frame's matmuls, so each frame of a layer is one kernel: the dispatch
-# of a dozen ops saved takes a third off a step at N=4 M=5 and a fifth at N=16 M=10 (equal at
-# N=64). bf16 matmuls stay on oneDNN, which has the AMX path.
+# Without AVX-512, XLA taking an fp32 frame's matmuls too (one kernel per frame of a layer, a
+# dozen op dispatches saved) takes a third off a step at N=4 M=5 and a fifth at N=16 M=10, equal
+# at N=64 (AMD Zen 2). With AVX-512, oneDNN's matmul kernels are faster than XLA's: the fused
+# frame costs a quarter more at N=4 M=5, equal from N=16 (AMD Zen 5). bf16 matmuls stay on
+# oneDNN, which has the AMX path.
 _fused_frame = tf.function(_frame, jit_compile=True)
 _fused_frame_grads = tf.function(_frame_grads, jit_compile=True)
 
 
+@functools.cache
+def _fuse_fp32_matmuls(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+    """Whether fp32 frames run as one XLA kernel, matmuls included (see above)."""
+    return not _cpu_has("avx512f", cpuinfo_path)
+
+
+def _fused(kernel: tf.Tensor) -> bool:
+    return kernel.dtype == tf.float32 and _fuse_fp32_matmuls()
+
+
 def _cell_forward(x, h, c, kernel, bias, projection):
     """One frame of one layer: h, c, and what BPTT reads."""
-    frame = _frame if kernel.dtype == tf.bfloat16 else _fused_frame
+    frame = _fused_frame if _fused(kernel) else _frame
     h_new, c_new, sigma, tanh_c, m = frame(x, h, c, kernel, bias, projection)
     return h_new, c_new, {"h": h_new, "c": c_new, "sigma": sigma, "tanh_c": tanh_c, "m": m}
 
@@ -290,7 +308,7 @@ def _cell_backward(dh, dc_next, x, saved, t, kernel, projection, dim, grads):
     """BPTT through one frame of one layer: the gradients of its input x and previous h and c,
     and the weight gradients summed so far. dim None: kernel holds only the rows of h, and x
     gets no gradient."""
-    frame_grads = _frame_grads if kernel.dtype == tf.bfloat16 else _fused_frame_grads
+    frame_grads = _fused_frame_grads if _fused(kernel) else _frame_grads
     return frame_grads(dh, dc_next, x, saved["h"].read(t), saved["c"].read(t),
                        saved["sigma"].read(t), saved["tanh_c"].read(t), saved["m"].read(t),
                        kernel, projection, dim, grads)

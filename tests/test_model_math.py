@@ -417,10 +417,10 @@ def test_training_gradients_match_autodiff_of_the_recurrence(num_layer, steps):
 
 
 @pytest.mark.parametrize("dim", [None, 3])
-def test_the_oneDNN_frame_that_bf16_runs_equals_the_fused_fp32_frame(dim):
-    # bf16 runs a frame as separate matmuls (oneDNN's AMX path), fp32 as one XLA kernel; the
-    # tests above reach only the fused one on a CPU without bf16. Its backward pass is checked
-    # against autodiff of the forward frame.
+def test_the_oneDNN_frame_equals_the_fused_xla_frame(dim):
+    # Which of the two an fp32 run takes depends on the CPU (AVX-512 or not), and bf16 always
+    # takes the oneDNN one, so the tests above reach only one of them on a given machine. Both
+    # backward passes are checked against autodiff of the forward frame.
     rng = np.random.default_rng(8)
     units, proj, width, rows = 6, 4, 3, 5
 
@@ -534,3 +534,11 @@ def test_bf16_is_refused_on_a_cpu_without_it(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"^--precision bf16: this CPU has no bfloat16"):
         model.build_model(_sized_config("bf16"))
     model.build_model(_sized_config("fp32"))
+
+
+def test_fp32_frames_fuse_their_matmuls_only_without_avx512(tmp_path):
+    cpus = {"avx2": ("flags\t\t: fpu avx2 fma avx512fp16\n", True),
+            "avx512": ("flags\t\t: fpu avx2 avx512f avx512bw\n", False)}
+    for name, (flags, fused) in cpus.items():
+        (tmp_path / name).write_text(flags)
+        assert model._fuse_fp32_matmuls(str(tmp_path / name)) is fused, name
