@@ -162,7 +162,7 @@ def test(config: argparse.Namespace) -> dict:
               f"FRR {100 * first['frr']:.2f}%)")
         # --verify compares a file with a profile (mean of enrollment d-vectors), as this test
         # does; its EER threshold, not the utterance-pair one, is the operating threshold.
-        split = (f"the model's test split {Path(config.test_path).resolve()} (similarity-matrix "
+        split = (f"the model's test split {utils.record_path(config.test_path)} (similarity-matrix "
                  f"test, mean of {config.draws} enrollment draws)")
         summary.update(eer_mean=draws["eer_mean"], eer_std=draws["eer_std"],
                        speakers=len(store.speakers),
@@ -189,7 +189,8 @@ def test(config: argparse.Namespace) -> dict:
     print(f"trials: {len(trials)} ({raw_metrics['targets']} target, "
           f"{raw_metrics['nontargets']} nontarget), {origin}")
     print(format_metrics("raw", raw_metrics))
-    write_scores(model_path / "scores.txt", trials, raw)
+    results.mkdir(parents=True, exist_ok=True)
+    write_scores(results / "scores.txt", trials, raw)
     summary["raw"] = raw_metrics
 
     cohort = cohort_models(embed, config)
@@ -200,16 +201,15 @@ def test(config: argparse.Namespace) -> dict:
         summary["as_norm"] = metrics(normed, labels)
         print(format_metrics("AS-norm", summary["as_norm"]) +
               f"  (cohort {len(cohort)} training speakers, top {config.asnorm_topk})")
-        write_scores(model_path / "scores_asnorm.txt", trials, normed)
+        write_scores(results / "scores_asnorm.txt", trials, normed)
 
     if config.trials:
         # Another list's threshold is that evaluation's result, never the model's operating
         # threshold: it goes to --results_path only (--threshold_from can pick it).
         summary.update(threshold_record(raw_metrics["threshold"], raw_metrics["eer"],
-                                        f"trial list {Path(config.trials).resolve()}"))
+                                        f"trial list {utils.record_path(config.trials)}"))
     else:
         utils.atomic_save_json(model_path / "evaluation.json", summary)
-    results.mkdir(parents=True, exist_ok=True)
     utils.atomic_save_json(results / "evaluation.json", summary)  # beside its figures: --summarize
     figures = [plots.det_curve(raw[labels == 1], raw[labels == 0], results, mode),
                plots.score_histograms(raw[labels == 1], raw[labels == 0],
@@ -217,7 +217,7 @@ def test(config: argparse.Namespace) -> dict:
     loss_figure = plots.loss_curve(model_path / "logs", results, mode)
     if loss_figure is not None:
         figures.append(loss_figure)
-    print(f"scores in {model_path / 'scores.txt'}; figures in {results}")
+    print(f"scores and figures in {results}")
     if config.trials:
         print(f"thresholds of this trial list in {results / 'evaluation.json'} (the operating "
               f"threshold is unchanged; --threshold_from {results} uses this one)")

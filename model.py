@@ -727,7 +727,7 @@ def model_fingerprint(encoder: SpeakerEncoder | Ensemble) -> str:
 def model_paths(config: argparse.Namespace) -> list[str]:
     """--model_path and the --ensemble members, resolved: what an evaluation was made with."""
     paths = [config.model_path] + (config.ensemble.split(",") if config.ensemble else [])
-    return [str(Path(path).resolve()) for path in paths]
+    return [utils.record_path(path) for path in paths]
 
 
 def load_trained(config: argparse.Namespace

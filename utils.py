@@ -87,6 +87,16 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def record_path(path: str | os.PathLike) -> str:
+    """A path as records store it: relative to the working directory when inside it, so a
+    committed evaluation does not name the machine it ran on; else absolute."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(resolved)
+
+
 def atomic_save_json(path: str | os.PathLike, data: dict) -> None:
     """json.dump to a temp file, then rename."""
     path = Path(path)

@@ -1,6 +1,7 @@
 """Trial lists, all-pairs scoring, score files and figures of `main.py --train False`."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,15 +49,14 @@ def test_trial_list_run_writes_scores_and_metrics(tiny_tisv, tmp_path, capsys):
     assert code == 0
     assert "trials: 4 (2 target, 2 nontarget)" in out
     assert "minDCF(p=0.01)" in out and "minDCF(p=0.05)" in out and "AS-norm" in out
-    model_path = Path(flags[flags.index("--model_path") + 1])
-    rows = [line.split() for line in (model_path / "scores.txt").read_text().splitlines()]
+    results = Path(flags[flags.index("--results_path") + 1])
+    rows = [line.split() for line in (results / "scores.txt").read_text().splitlines()]
     assert [(r[0], r[1], r[3]) for r in rows] == [
         (a, b, "target" if label == "1" else "nontarget")
         for label, a, b in (line.split() for line in lines)]
     scores = np.array([float(r[2]) for r in rows])
     assert np.all(np.abs(scores) <= 1.0 + 1e-6)
     # A trial list's evaluation is written to its --results_path, not over the model's own.
-    results = Path(flags[flags.index("--results_path") + 1])
     result = json.loads((results / "evaluation.json").read_text())
     target, nontarget = scores[[0, 2]], scores[[1, 3]]
     assert result["raw"]["eer"] == pytest.approx(utils.equal_error_rate(target, nontarget)[0],
@@ -108,3 +108,21 @@ def test_summarize_names_a_folder_without_evaluation(tmp_path, capsys):
     assert main.main(["--summarize", str(tmp_path / "fold0"), str(tmp_path / "fold1")]) == 2
     err = capsys.readouterr().err
     assert "--summarize" in err and "fold1" in err and "evaluation.json" in err
+
+
+def test_records_name_paths_relative_to_the_working_directory(tiny_tisv, tmp_path,
+                                                              monkeypatch, capsys):
+    """A committed evaluation must not name the machine it ran on: paths inside the working
+    directory are recorded relative to it, others absolute."""
+    root = Path(tiny_tisv[tiny_tisv.index("--synthetic_path") + 1]).parent
+    shutil.copytree(root / "model", tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    flags = tiny_tisv + ["--model_path", "model", "--results_path", "out"]
+    assert main.main(flags + ["--train", "False"]) == 0
+    capsys.readouterr()
+    for saved in (tmp_path / "model" / "evaluation.json", tmp_path / "out" / "evaluation.json"):
+        record = json.loads(saved.read_text())
+        assert record["models"] == ["model"]
+        assert f"split {(root / 'test').resolve()} (" in record["threshold_source"]
+    assert (tmp_path / "out" / "scores.txt").exists()
+    assert not (tmp_path / "model" / "scores.txt").exists()

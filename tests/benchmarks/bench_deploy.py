@@ -163,8 +163,8 @@ def main() -> None:
                   for name, vectors in tflite.items()}
 
     result = {
-        "cpu": cpu_model(), "threads": 1, "model_path": str(Path(args.model_path).resolve()),
-        "test_path": str(Path(args.test_path).resolve()), "mode": "TD-SV" if config.tdsv
+        "cpu": cpu_model(), "threads": 1, "model_path": utils.record_path(args.model_path),
+        "test_path": utils.record_path(args.test_path), "mode": "TD-SV" if config.tdsv
         else "TI-SV", "network": {"hidden": config.hidden, "proj": config.proj,
                                   "num_layer": config.num_layer},
         "window": {"samples": length, "seconds": length / config.sr,
