@@ -725,7 +725,7 @@ def model_fingerprint(encoder: SpeakerEncoder | Ensemble) -> str:
 
 
 def model_paths(config: argparse.Namespace) -> list[str]:
-    """--model_path and the --ensemble members, resolved: what an evaluation was made with."""
+    """--model_path and the --ensemble members as records name them: what an evaluation used."""
     paths = [config.model_path] + (config.ensemble.split(",") if config.ensemble else [])
     return [utils.record_path(path) for path in paths]
 
