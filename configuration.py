@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--precision", type=str, default="fp32", choices=("fp32", "bf16"),
                        help="matmul precision for training and embedding: fp32, or bf16 on "
                             "the CPU's matrix units (variables, cell state and loss stay fp32)")
+    model.add_argument("--lstmp", type=str, default="kernel", choices=("kernel", "reference"),
+                       help="LSTMP implementation: the fast wavefront kernel (hand-written "
+                            "backpropagation) or the readable reference (Keras layer, autodiff); "
+                            "same weights and checkpoints")
     model.add_argument("--ensemble", type=str, default="",
                        help="comma-separated further trained models (e.g. other seeds): test, "
                             "enroll, verify, identify and embed average their cosine scores "
@@ -261,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "relative to --audio_path; empty = all pairs of test speakers")
     evaluation.add_argument("--asnorm_topk", type=_positive_int, default=100,
                             help="AS-norm: top-k cohort scores (cohort = training speakers)")
-    evaluation.add_argument("--results_path", type=str, default="./Results",
-                            help="where figures are written")
+    evaluation.add_argument("--results_path", type=str, default="",
+                            help="where scores, figures and evaluation.json of a test are "
+                                 "written; empty = <model_path>/results")
 
     use = parser.add_argument_group("use a trained model")
     use.add_argument("--enroll", type=str, default="", metavar="NAME",
@@ -270,9 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     use.add_argument("--extend", type=str2bool, default=False,
                      help="--enroll: add the files to an existing profile instead of replacing it")
     use.add_argument("--verify", type=str, default="", metavar="NAME",
-                     help="score one --audio file against NAME's profile: ACCEPT or REJECT")
+                     help="score each --audio file against NAME's profile: ACCEPT or REJECT")
     use.add_argument("--identify", action="store_true",
-                     help="rank every enrolled profile against one --audio file")
+                     help="rank every enrolled profile against each --audio file")
+    use.add_argument("--pairs", type=str, default="", metavar="FILE",
+                     help="verify many pairs in one run: FILE has one 'NAME audio_path' per "
+                          "line (paths relative to FILE's folder unless absolute)")
     use.add_argument("--embed", action="store_true",
                      help="d-vectors of every audio file under --audio_path into --out (.npz)")
     use.add_argument("--export", type=str, default="", metavar="DIR",
@@ -310,15 +318,13 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     config = parser.parse_args(argv)
     config.explicit = sorted(explicit_flags(argv, parser))
-    commands = [bool(config.enroll), bool(config.verify), config.identify, config.embed,
-                bool(config.export), bool(config.summarize)]
+    commands = [bool(config.enroll), bool(config.verify), config.identify, bool(config.pairs),
+                config.embed, bool(config.export), bool(config.summarize)]
     if sum(commands) > 1:
-        parser.error("use one of --enroll, --verify, --identify, --embed, --export, --summarize "
-                     "at a time")
+        parser.error("use one of --enroll, --verify, --identify, --pairs, --embed, --export, "
+                     "--summarize at a time")
     if (config.enroll or config.verify or config.identify) and not config.audio:
-        parser.error("--enroll, --verify and --identify need --audio FILE")
-    if (config.verify or config.identify) and len(config.audio) != 1:
-        parser.error(f"--verify and --identify take one --audio file, got {len(config.audio)}")
+        parser.error("--enroll, --verify and --identify need --audio FILE [FILE ...]")
     if config.tisv_frame_min > config.tisv_frame:
         parser.error("--tisv_frame_min must not exceed --tisv_frame")
     if config.source_weights and not sum(config.source_weights) > 0:
@@ -369,14 +375,10 @@ def save_config(config: argparse.Namespace, path: str | os.PathLike) -> None:
 
 
 def load_config(path: str | os.PathLike) -> dict:
-    """Read a config saved by save_config."""
-    try:
-        saved = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read the saved config ({error})") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path}: expected a JSON object of flags, got {type(saved).__name__}")
-    return saved
+    """Read a config.json saved by save_config."""
+    import utils
+
+    return utils.read_json(path, "the saved config")
 
 
 def merge_saved_config(config: argparse.Namespace, saved: dict) -> argparse.Namespace:

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import configuration
 import dataset
 import features
 import model
@@ -16,6 +15,62 @@ import plots
 import utils
 
 P_TARGETS = (0.01, 0.05)
+RECORD = "evaluation.json"  # a test's metrics and thresholds; this module alone reads and writes it
+
+
+def save_record(folder: Path, summary: dict) -> None:
+    """Write a test's evaluation.json into folder (the model's, or a --results_path)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    utils.atomic_save_json(folder / RECORD, summary)
+
+
+def read_record(folder: str | Path, flag: str) -> dict:
+    """The evaluation.json in folder; a missing one is a one-line error naming `flag`."""
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        raise ValueError(f"{flag} {folder}: no {RECORD} there (expected the --results_path of "
+                         f"a `main.py --train False` run)")
+    return utils.read_json(path, "a test's evaluation record")
+
+
+def operating_threshold(model_path: Path, fingerprint: str, ensemble: bool = False
+                        ) -> tuple[float | None, str]:
+    """The model's operating threshold (the EER threshold of its own test split) and its
+    source; None, with the reason, when the model has not been tested."""
+    path = model_path / RECORD
+    if not path.is_file():
+        return None, f"{path} does not exist: the model has not been tested (main.py --train False)"
+    saved = utils.read_json(path, "a test's evaluation record")
+    _check_weights(saved, path, fingerprint, ensemble)
+    # Earlier versions let a --trials run overwrite the model's threshold with that list's; only
+    # the similarity-matrix test of the test split records eer_mean.
+    if "eer_mean" not in saved or not isinstance(saved.get("threshold"), (int, float)):
+        return None, (f"{path} holds the threshold of a trial list "
+                      f"({saved.get('threshold_source')}), not of the model's test split: run "
+                      f"main.py --train False without --trials")
+    source = saved.get("threshold_source", "")
+    if "threshold_eer" not in saved:  # written before the source was spelled out
+        source = (f"EER threshold of the model's test split (similarity-matrix test), EER "
+                  f"{100 * saved['eer_mean']:.2f} %")
+    return float(saved["threshold"]), f"operating threshold: {source}"
+
+
+def threshold_from(folder: str, fingerprint: str) -> tuple[float, str]:
+    """The EER threshold recorded by the evaluation in folder (--threshold_from) and its source."""
+    saved = read_record(folder, "--threshold_from")
+    _check_weights(saved, Path(folder) / RECORD, fingerprint, ensemble=False)
+    if not isinstance(saved.get("threshold"), (int, float)):
+        raise ValueError(f"{Path(folder) / RECORD}: no 'threshold'; expected the evaluation "
+                         f"record of a --train False run")
+    return float(saved["threshold"]), f"--threshold_from {folder}: {saved.get('threshold_source')}"
+
+
+def _check_weights(saved: dict, path: Path, fingerprint: str, ensemble: bool) -> None:
+    # Evaluations written before the fingerprint was recorded are of --model_path alone.
+    if saved.get("model", None if ensemble else fingerprint) != fingerprint:
+        raise ValueError(f"{path} holds the threshold of other weights "
+                         f"({' + '.join(saved.get('models', ['?']))}), not of this model; run "
+                         f"main.py --train False with it first or pass --threshold")
 
 
 def embed_store(embed, store: dataset.SpeakerStore, window: int, desc: str
@@ -135,12 +190,13 @@ def test(config: argparse.Namespace) -> dict:
     config, encoder = model.load_trained(config)
     embed = model.make_embedder(encoder, config.n_mels, config.window_frames)
     mode = "TD-SV" if config.tdsv else "TI-SV"
-    model_path, results = Path(config.model_path), Path(config.results_path)
+    model_path = Path(config.model_path)
+    results = Path(config.results_path or model_path / "results")
     summary: dict = {"mode": mode, "models": model.model_paths(config),
                      "model": model.model_fingerprint(encoder)}
 
     if config.trials:
-        if (results / "evaluation.json").resolve() == (model_path / "evaluation.json").resolve():
+        if results.resolve() == model_path.resolve():
             raise ValueError(f"--results_path {results} is --model_path: a --trials evaluation "
                              f"would replace the model's operating threshold; choose another "
                              f"--results_path")
@@ -209,8 +265,8 @@ def test(config: argparse.Namespace) -> dict:
         summary.update(threshold_record(raw_metrics["threshold"], raw_metrics["eer"],
                                         f"trial list {utils.record_path(config.trials)}"))
     else:
-        utils.atomic_save_json(model_path / "evaluation.json", summary)
-    utils.atomic_save_json(results / "evaluation.json", summary)  # beside its figures: --summarize
+        save_record(model_path, summary)
+    save_record(results, summary)  # beside its figures: --summarize
     figures = [plots.det_curve(raw[labels == 1], raw[labels == 0], results, mode),
                plots.score_histograms(raw[labels == 1], raw[labels == 0],
                                       raw_metrics["threshold"], results, mode)]
@@ -219,7 +275,7 @@ def test(config: argparse.Namespace) -> dict:
         figures.append(loss_figure)
     print(f"scores and figures in {results}")
     if config.trials:
-        print(f"thresholds of this trial list in {results / 'evaluation.json'} (the operating "
+        print(f"thresholds of this trial list in {results / RECORD} (the operating "
               f"threshold is unchanged; --threshold_from {results} uses this one)")
     return summary
 
@@ -243,13 +299,10 @@ def summarize(folders: list[str]) -> dict:
     """Print and return summary_of_tests of the evaluation.json in each --results_path folder."""
     evaluations = []
     for folder in folders:
-        path = Path(folder) / "evaluation.json"
-        if not path.is_file():
-            raise ValueError(f"--summarize {folder}: no evaluation.json there (expected the "
-                             "--results_path of a `main.py --train False` run)")
-        evaluations.append(configuration.load_config(path))
+        evaluations.append(read_record(folder, "--summarize"))
         if not isinstance(evaluations[-1].get("raw"), dict):
-            raise ValueError(f"{path}: expected a test's evaluation.json, with its 'raw' metrics")
+            raise ValueError(f"{Path(folder) / RECORD}: expected a test's evaluation record, "
+                             f"with its 'raw' metrics")
     summary = summary_of_tests(evaluations)
     line = [f"{len(folders)} tests"]
     if "eer_mean" in summary:

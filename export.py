@@ -1,7 +1,8 @@
 """Export a trained model for deployment: mono waveform in, d-vector out, features in-graph.
 
 Two formats: a TensorFlow SavedModel (a whole recording per call) and a TFLite flatbuffer (one
-fixed-length window per call, float32 or int8), for TI-SV and TD-SV models. The log-mel front
+fixed-length window per call, or a whole recording through its `utterance` signature; float32 or
+int8), for TI-SV and TD-SV models. The log-mel front
 end, librosa's VAD and the TD-SV phrase trim are re-written with tf.signal and TFLite builtins;
 the mel filterbank is baked in as a constant. Metadata beside the files (and a `metadata`
 signature in the SavedModel) carries the operating threshold and where it came from.
@@ -17,9 +18,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import evaluation
 import features
 import model
-import profiles
 import utils
 
 LITERT_PIN = "ai-edge-litert==2.3.*"  # tf.lite.Interpreter warns it is deprecated in TF 2.21
@@ -155,9 +156,15 @@ class DVectorModule(tf.Module):
                 "sample_rate": self.sample_rate}
 
 
+def _audible(wav: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_max(tf.abs(wav)) >= 1e-5  # features.load_audio's silence rule
+
+
 class WindowModule(tf.Module):
-    """One fixed-length window (TI-SV) or buffer (TD-SV) of waveform, of which the first
-    num_samples are audio -> its d-vector and whether the in-process path would accept it."""
+    """The TFLite signatures, each -> the d-vector and whether the in-process path would accept
+    the audio: `serving_default` takes one fixed-length window (TI-SV) or buffer (TD-SV) of
+    waveform, of which the first num_samples are audio; `utterance` a whole recording of any
+    length, read as the in-process path reads it (VAD over the recording, then windows)."""
 
     def __init__(self, encoder: model.SpeakerEncoder, config: argparse.Namespace):
         super().__init__()
@@ -167,19 +174,24 @@ class WindowModule(tf.Module):
         self.serve = tf.function(self._serve, input_signature=[
             tf.TensorSpec([self.length], tf.float32, name="waveform"),
             tf.TensorSpec([], tf.int32, name="num_samples")])
+        self.utterance = tf.function(self._utterance, input_signature=[
+            tf.TensorSpec([None], tf.float32, name="waveform")])
+
+    def _tdsv(self, wav: tf.Tensor, n: tf.Tensor) -> dict:
+        config = self.config
+        phrase, span = tf_phrase(wav, n, config)
+        windows = _fixed_windows(tf_log_mel(phrase, config, quantizable=False),
+                                 config.tdsv_frame, config.window_frames)
+        usable = _audible(wav) & (span >= config.min_frames * features.hop_samples(config) // 4)
+        return {"d_vector": _pooled(self.encoder(windows, training=False)),
+                "usable": tf.cast(usable, tf.int32)}
 
     def _serve(self, waveform, num_samples):
         config = self.config
         n = tf.clip_by_value(num_samples, 0, self.length)
         wav = tf.where(tf.range(self.length) < n, waveform, 0.0)
-        audible = tf.reduce_max(tf.abs(wav)) >= 1e-5  # features.load_audio's silence rule
         if config.tdsv:
-            phrase, span = tf_phrase(wav, n, config)
-            windows = _fixed_windows(tf_log_mel(phrase, config, quantizable=False),
-                                     config.tdsv_frame, config.window_frames)
-            usable = audible & (span >= config.min_frames * features.hop_samples(config) // 4)
-            return {"d_vector": _pooled(self.encoder(windows, training=False)),
-                    "usable": tf.cast(usable, tf.int32)}
+            return self._tdsv(wav, n)
         kept = tf_voiced_mask(wav, config, n)
         voiced = tf.reduce_sum(tf.cast(kept, tf.int32))
         # A boolean_mask of static shape: row j takes the (j+1)-th kept frame, whose index is the
@@ -190,19 +202,36 @@ class WindowModule(tf.Module):
         frames = tf.gather(tf_log_mel(wav, config, quantizable=False),
                            tf.minimum(order, config.window_frames - 1))
         d_vector = self.encoder(frames[None], mask=(rows < voiced)[None], training=False)[0]
-        usable = audible & (voiced >= config.min_frames)
+        usable = _audible(wav) & (voiced >= config.min_frames)
         return {"d_vector": d_vector, "usable": tf.cast(usable, tf.int32)}
+
+    def _utterance(self, waveform):
+        config = self.config
+        if config.tdsv:
+            return self._tdsv(waveform, tf.size(waveform))
+        voiced = tf.boolean_mask(tf_log_mel(waveform, config, quantizable=False),
+                                 tf_voiced_mask(waveform, config))
+        n, window = tf.shape(voiced)[0], config.window_frames
+        # utils.window_starts' windows, all --window_frames long: the one window of a shorter
+        # recording is zero-padded and masked, which the encoder reads as the short window.
+        last, hop = tf.maximum(n - window, 0), max(1, window // 2)
+        starts = tf.minimum(tf.range((last + hop - 1) // hop + 1) * hop, last)
+        index = starts[:, None] + tf.range(window)[None, :]
+        padded = tf.pad(voiced, [[0, tf.maximum(window - n, 0)], [0, 0]])
+        d_vectors = self.encoder(tf.gather(padded, index), mask=index < n, training=False)
+        usable = _audible(waveform) & (n >= config.min_frames)
+        return {"d_vector": _pooled(d_vectors), "usable": tf.cast(usable, tf.int32)}
 
 
 def export_metadata(config: argparse.Namespace, fingerprint: str) -> dict:
     """What a deployment needs beside the graph: the operating threshold and its source, the
     model's fingerprint and its feature settings."""
-    evaluation = Path(config.model_path) / "evaluation.json"
-    if config.threshold is None and not config.threshold_from and not evaluation.exists():
-        threshold, source = None, (f"none: {evaluation} does not exist (run python main.py "
-                                   f"--train False, or pass --threshold, then export again)")
+    if config.threshold is not None:
+        threshold, source = config.threshold, "--threshold"
+    elif config.threshold_from:
+        threshold, source = evaluation.threshold_from(config.threshold_from, fingerprint)
     else:
-        threshold, source = profiles.operating_threshold(config, fingerprint)
+        threshold, source = evaluation.operating_threshold(Path(config.model_path), fingerprint)
     return {"model": fingerprint, "model_path": str(Path(config.model_path).resolve()),
             "mode": "TD-SV" if config.tdsv else "TI-SV", "sample_rate": config.sr,
             "d_vector_size": config.proj, "operating_threshold": threshold,
@@ -224,12 +253,14 @@ def tflite_name(config: argparse.Namespace) -> str:
 
 
 def export_tflite(encoder, config: argparse.Namespace, out: Path) -> Path:
-    """Convert the WindowModule to TFLite builtins only; --quantize int8 quantizes the weights to
-    int8 (dynamic range: activations stay float, so no calibration set is needed)."""
+    """Convert the WindowModule's two signatures (one copy of the weights) to TFLite builtins
+    only; --quantize int8 quantizes the weights to int8 (dynamic range: activations stay float,
+    so no calibration set is needed)."""
     module = WindowModule(encoder, config)
+    signatures = {"serving_default": module.serve, "utterance": module.utterance}
     with tempfile.TemporaryDirectory(prefix="ge2e-export-") as folder:
-        _write_archive(module, {"serving_default": module.serve}, encoder, Path(folder))
-        converter = tf.lite.TFLiteConverter.from_saved_model(folder, ["serving_default"])
+        _write_archive(module, signatures, encoder, Path(folder))
+        converter = tf.lite.TFLiteConverter.from_saved_model(folder, list(signatures))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if config.quantize == "int8":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -258,12 +289,17 @@ def export(config: argparse.Namespace) -> Path:
             "num_samples": "int32 [], the audio samples at the start of waveform"},
             output={"d_vector": f"float32 [{config.proj}], L2-normalised",
                     "usable": "int32 [], 0 when the window is silent or has too little "
-                              "voiced audio (--min_frames)"})
+                              "voiced audio (--min_frames)"},
+            signatures={"serving_default": "one window: the input and output above",
+                        "utterance": f"waveform float32 [samples] at {config.sr} Hz, a whole "
+                                     "recording -> the same output, as the in-process path "
+                                     "reads the recording"})
         utils.atomic_save_json(path.with_suffix(".json"), metadata)
         print(f"TFLite ({'int8 weights' if config.quantize == 'int8' else 'float32'}, "
-              f"{path.stat().st_size / 1e6:.2f} MB) -> {path} (waveform float32 [{samples}] "
-              f"+ num_samples at {config.sr} Hz -> d_vector [{config.proj}], usable); metadata "
-              f"-> {path.with_suffix('.json')}")
+              f"{path.stat().st_size / 1e6:.2f} MB) -> {path} (serving_default: waveform float32 "
+              f"[{samples}] + num_samples at {config.sr} Hz -> d_vector [{config.proj}], usable; "
+              f"utterance: a whole recording's waveform -> the same); metadata -> "
+              f"{path.with_suffix('.json')}")
     else:
         module = DVectorModule(encoder, config, metadata)
         _write_archive(module, {"serving_default": module.serve, "metadata": module.metadata},
@@ -280,20 +316,22 @@ def export(config: argparse.Namespace) -> Path:
     return out
 
 
-def tflite_runner(path: str | Path, threads: int = 1):
-    """The serving_default signature of a .tflite file, run by the LiteRT interpreter."""
+def tflite_runner(path: str | Path, threads: int = 1, signature: str = "serving_default"):
+    """A signature of a .tflite file (serving_default: one window; utterance: a whole
+    recording), run by the LiteRT interpreter."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         raise ImportError(f"running a .tflite model needs the LiteRT interpreter: pip install "
                           f"'{LITERT_PIN}'") from None
-    return Interpreter(model_path=str(path), num_threads=threads).get_signature_runner()
+    return Interpreter(model_path=str(path), num_threads=threads).get_signature_runner(signature)
 
 
 def tflite_utterance_d_vector(run, wav: np.ndarray, length: int) -> np.ndarray:
-    """The TI-SV recipe for a whole recording: windows of `length` samples with 50 % overlap
-    (the last one ending at the recording's end; a short recording is one zero-padded window),
-    the usable windows' d-vectors averaged and L2-normalised."""
+    """A whole recording in windows of `length` samples with 50 % overlap (the last one ending
+    at the recording's end; a short recording is one zero-padded window), the usable windows'
+    d-vectors averaged and L2-normalised: memory bounded by a window, but each window has its
+    own VAD, so it is not the in-process d-vector (TI-SV; the `utterance` signature is)."""
     wav = np.asarray(wav, dtype=np.float32)
     d_vectors = []
     for start in utils.window_starts(len(wav), length):

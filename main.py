@@ -1,5 +1,6 @@
 """Entry point: `python main.py --train True` trains, `python main.py --train False` tests;
---enroll/--verify/--identify/--embed/--export use a trained model; --summarize averages tests."""
+--enroll/--verify/--identify/--pairs/--embed/--export use a trained model (the ready model unless
+--model_path names another); --summarize averages tests."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import types
 from pathlib import Path
 
 import configuration
+import profiles
+import utils
 
 READY_MODEL = Path(__file__).resolve().parent / "pretrained"
 # TensorFlow's C++ start-up lines that bypass TF_CPP_MIN_LOG_LEVEL (absl logs them before its
@@ -47,34 +50,112 @@ def import_tensorflow() -> types.ModuleType:
     return tf
 
 
-def uses_a_model(config: argparse.Namespace) -> bool:
-    """Whether the command reads a trained model (everything but training and --summarize)."""
-    return bool(config.enroll or config.verify or config.identify or config.embed
-                or config.export or (not config.train and not config.summarize))
+USE_COMMANDS = ("enroll", "verify", "identify", "pairs", "embed", "export")
 
 
-def choose_model(config: argparse.Namespace) -> None:
-    """Without --model_path and without a model at its default path, use the ready model in
-    pretrained/ (and say so)."""
-    if ("model_path" in config.explicit or not uses_a_model(config)
-            or (Path(config.model_path) / "config.json").exists()
-            or not (READY_MODEL / "config.json").exists()):
+def choose_model(config: argparse.Namespace) -> str:
+    """Apply the one rule for which model a command uses, and say which: training and
+    --train False use --model_path; the use commands use the ready model unless --model_path
+    names another."""
+    used = [c for c in USE_COMMANDS if getattr(config, c)]
+    if used and "model_path" not in config.explicit:
+        config.model_path = str(READY_MODEL)
+        return (f"model: the ready model {utils.record_path(READY_MODEL)} (--{used[0]} without "
+                f"--model_path; see its MODEL_CARD.md)")
+    if config.summarize:
+        return ""
+    action = "training into" if config.train and not used else "model:"
+    return f"{action} {config.model_path} (--model_path)"
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def check_model(path: Path, flag: str = "--model_path") -> None:
+    """A trained model folder: config.json and a checkpoint state file."""
+    if not (path / "config.json").is_file() or not (path / "checkpoints" / "checkpoint").is_file():
+        _fail(f"{flag} {path}: no trained model there (expected config.json and checkpoints/); "
+              f"train one with python main.py --train True --model_path {path}, or use the "
+              f"ready model: --model_path {utils.record_path(READY_MODEL)}")
+
+
+def check_inputs(config: argparse.Namespace) -> None:
+    """Every path the command reads, checked before TensorFlow loads (a one-line error)."""
+    for folder in config.summarize:
+        if not (Path(folder) / "evaluation.json").is_file():
+            _fail(f"--summarize {folder}: no evaluation.json there (expected the --results_path "
+                  f"of a `main.py --train False` run)")
+    if config.summarize:
         return
-    config.model_path = str(READY_MODEL)
-    print(f"using the ready model {READY_MODEL} (see its MODEL_CARD.md); no model trained at "
-          f"--model_path {configuration.build_parser().get_default('model_path')}")
+    training = config.train and not any(getattr(config, c) for c in USE_COMMANDS)
+    if training:
+        for folder in re.split(r"[,+]", config.train_path):
+            if not Path(folder).is_dir():
+                _fail(f"--train_path {folder}: no such folder (run python data_preprocess.py "
+                      f"first)")
+        if config.init_from:
+            check_model(Path(config.init_from), "--init_from")
+        if config.restore:
+            check_model(Path(config.model_path))
+        return
+    check_model(Path(config.model_path))
+    for member in filter(None, config.ensemble.split(",")):
+        check_model(Path(member), "--ensemble")
+    if config.threshold_from and not (Path(config.threshold_from) / "evaluation.json").is_file():
+        _fail(f"--threshold_from {config.threshold_from}: no evaluation.json there (expected the "
+              f"--results_path of a `main.py --train False` run)")
+    probes = config.audio
+    if config.pairs:
+        if not Path(config.pairs).is_file():
+            _fail(f"--pairs {config.pairs}: no such file")
+        pairs = profiles.read_pairs(config.pairs)
+        names, probes = sorted({n for n, _ in pairs}), [p for _, p in pairs]
+    else:
+        names = [config.verify] if config.verify else []
+    for name in names:
+        if not (Path(config.model_path) / "profiles" / f"{name}.json").is_file():
+            _fail(f"no profile {name!r} in {Path(config.model_path) / 'profiles'}; enroll it "
+                  f"first (--enroll {name} --audio FILE ...)")
+    missing = [p for p in probes if not Path(p).is_file()]
+    # One missing file fails an enrollment; a batch scores what it can and lists the rest.
+    if missing and (config.enroll or len(missing) == len(probes)):
+        _fail(f"{missing[0]}: no such audio file")
+    if config.embed:
+        if not config.out:
+            _fail("--embed needs --out FILE.npz")
+        if not Path(config.audio_path).is_dir():
+            _fail(f"--audio_path {config.audio_path or '(empty)'}: not a folder")
+        if not profiles.audio_files(Path(config.audio_path)):
+            _fail(f"--audio_path {config.audio_path}: no audio files ({utils.AUDIO_TYPES})")
+    if not config.train and not any(getattr(config, c) for c in USE_COMMANDS):
+        if config.trials:
+            if not Path(config.trials).is_file():
+                _fail(f"--trials {config.trials}: no such file")
+            if not Path(config.audio_path).is_dir():
+                _fail(f"--trials needs --audio_path, the folder its paths are relative to "
+                      f"(got {config.audio_path or 'none'})")
+        elif not Path(config.test_path).is_dir():
+            _fail(f"--test_path {config.test_path}: no such folder (run python "
+                  f"data_preprocess.py first)")
 
 
 def main(argv: list[str] | None = None) -> int:
     config = configuration.parse_config(argv)
-    choose_model(config)
-    # TensorFlow loads only after the flags are known to be valid.
+    said = choose_model(config)
+    try:
+        check_inputs(config)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if said:
+        print(said)
+    # TensorFlow loads only after the flags and paths are known to be valid.
     tf = import_tensorflow()
 
     import evaluation
     import export
     import model
-    import profiles
 
     try:
         if config.enroll:
@@ -83,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             profiles.verify(config)
         elif config.identify:
             profiles.identify(config)
+        elif config.pairs:
+            profiles.verify_pairs(config)
         elif config.embed:
             profiles.embed_folder(config)
         elif config.export:

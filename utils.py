@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus")  # all read by libsndfile >= 1.1
+AUDIO_TYPES = "WAV, FLAC, MP3, OGG/Opus"  # the same, as messages name them
+
 
 def error_rates(target_scores: np.ndarray, nontarget_scores: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -103,6 +106,17 @@ def atomic_save_json(path: str | os.PathLike, data: dict) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """A JSON object from a file, or a one-line ValueError naming the file and `what` it should be."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read {what} ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected {what} (a JSON object), got {type(data).__name__}")
+    return data
 
 
 def speaker_model(d_vectors: np.ndarray) -> np.ndarray:

@@ -17,9 +17,9 @@ import configuration
 import data_preprocess
 import export
 import features
+import ge2e
 import main
 import model
-import profiles
 import utils
 
 
@@ -123,9 +123,8 @@ def test_savedmodel_in_fresh_process_matches_in_process(tiny_tisv, tmp_path):
     out = tmp_path / "exported"
     assert main.main(tiny_tisv + ["--export", str(out), "--threshold", "0.3"]) == 0
     wav_path = Path(_flag(tiny_tisv, "--synthetic_path")) / "spk03" / "free_04.wav"
-    config, encoder = model.load_trained(configuration.parse_config(tiny_tisv))
-    expected = profiles.embed_paths(model.make_embedder(encoder, config.n_mels), [wav_path],
-                                    config)[0]
+    trained = ge2e.DVectorModel(configuration.parse_config(tiny_tisv))
+    expected = trained.embed_file(wav_path)
     script = ("import sys, numpy as np, soundfile as sf, tensorflow as tf\n"
               "m = tf.saved_model.load(sys.argv[1])\n"
               "wav, _ = sf.read(sys.argv[2], dtype='float32')\n"
@@ -144,15 +143,14 @@ def test_savedmodel_in_fresh_process_matches_in_process(tiny_tisv, tmp_path):
     assert run.stdout.strip().splitlines()[-1] == "0.30000001192092896 --threshold"
     metadata = json.loads((out / "metadata.json").read_text())
     assert (metadata["operating_threshold"], metadata["threshold_source"]) == (0.3, "--threshold")
-    assert metadata["model"] == model.model_fingerprint(encoder)
+    assert metadata["model"] == trained.fingerprint
 
 
 def test_tdsv_savedmodel_matches_in_process_on_real_recordings(tiny_tdsv, dsp_files, tmp_path):
     out = tmp_path / "exported"
     assert main.main(tiny_tdsv + ["--export", str(out)]) == 0
-    config, encoder = model.load_trained(configuration.parse_config(tiny_tdsv))
-    expected = profiles.embed_paths(model.make_embedder(encoder, config.n_mels), dsp_files,
-                                    config)
+    trained = ge2e.DVectorModel(configuration.parse_config(tiny_tdsv))
+    config, expected = trained.config, trained.embed_files(dsp_files)
     serve = tf.saved_model.load(str(out)).signatures["serving_default"]
     for path, reference in zip(dsp_files, expected):
         wav = features.load_audio(path, config.sr)
@@ -216,9 +214,8 @@ def test_tflite_tdsv_matches_in_process_on_real_recordings(tiny_tdsv, dsp_files,
     flags = tiny_tdsv + ["--format", "tflite", "--export", str(tmp_path)]
     assert main.main(flags) == 0
     assert main.main(flags + ["--quantize", "int8"]) == 0
-    config, encoder = model.load_trained(configuration.parse_config(tiny_tdsv))
-    expected = profiles.embed_paths(model.make_embedder(encoder, config.n_mels), dsp_files,
-                                    config)
+    trained = ge2e.DVectorModel(configuration.parse_config(tiny_tdsv))
+    config, expected = trained.config, trained.embed_files(dsp_files)
     run = export.tflite_runner(tmp_path / "d_vector.tflite")
     run_int8 = export.tflite_runner(tmp_path / "d_vector_int8.tflite")
     length = export.tflite_input_samples(config)

@@ -1,5 +1,5 @@
-"""The ready model in pretrained/: used when no model is named, and right on real speakers it
-never saw in training (speechocean762's test split)."""
+"""The ready model in pretrained/: used by the use commands when no model is named, and right on
+real speakers it never saw in training (speechocean762's test split)."""
 
 import json
 import shutil
@@ -25,22 +25,26 @@ def ready_copy(tmp_path, monkeypatch):
     return copy
 
 
-def test_the_ready_model_is_used_only_when_no_model_is_named(tmp_path, monkeypatch):
+def test_one_rule_for_which_model_a_command_uses(tmp_path, monkeypatch):
+    """Training and --train False use --model_path; the use commands use the ready model unless
+    --model_path names another, even when ./tisv_model holds a trained model; each says which."""
     monkeypatch.chdir(tmp_path)
-    config = configuration.parse_config(["--verify", "x", "--audio", "a.wav"])
-    main.choose_model(config)
-    assert config.model_path == str(READY)
-    named = configuration.parse_config(["--verify", "x", "--audio", "a.wav", "--model_path", "M"])
-    main.choose_model(named)
-    assert named.model_path == "M"
     (tmp_path / "tisv_model").mkdir()
     (tmp_path / "tisv_model" / "config.json").write_text("{}")
-    trained = configuration.parse_config(["--verify", "x", "--audio", "a.wav"])
-    main.choose_model(trained)
-    assert trained.model_path == "./tisv_model"
-    training = configuration.parse_config(["--train", "True"])
-    main.choose_model(training)
-    assert training.model_path == "./tisv_model"
+    for command in (["--verify", "x", "--audio", "a.wav"], ["--identify", "--audio", "a.wav"],
+                    ["--enroll", "x", "--audio", "a.wav"], ["--pairs", "p.txt"],
+                    ["--embed", "--audio_path", "d", "--out", "v.npz"], ["--export", "e"]):
+        config = configuration.parse_config(command)
+        assert "the ready model" in main.choose_model(config)
+        assert config.model_path == str(READY)
+        named = configuration.parse_config(command + ["--model_path", "M"])
+        assert main.choose_model(named) == "model: M (--model_path)"
+        assert named.model_path == "M"
+    for command, said in ((["--train", "True"], "training into ./tisv_model (--model_path)"),
+                          (["--train", "False"], "model: ./tisv_model (--model_path)")):
+        config = configuration.parse_config(command)
+        assert main.choose_model(config) == said
+        assert config.model_path == "./tisv_model"
 
 
 def test_ready_model_accepts_and_rejects_held_out_speakers(shared_data, ready_copy, capsys):
@@ -51,7 +55,7 @@ def test_ready_model_accepts_and_rejects_held_out_speakers(shared_data, ready_co
     alice, bob = test[0], test[1]
     enroll = [str(corpus / p) for p in tree[alice][:5]]
     assert main.main(["--enroll", alice, "--audio", *enroll]) == 0
-    assert f"using the ready model {ready_copy}" in capsys.readouterr().out
+    assert "model: the ready model" in capsys.readouterr().out
     for probe, decision in ((tree[alice][6], "ACCEPT"), (tree[bob][0], "REJECT")):
         assert main.main(["--verify", alice, "--audio", str(corpus / probe)]) == 0
         line = capsys.readouterr().out.strip().splitlines()[-1]

@@ -21,14 +21,16 @@ def _flag(flags, name):
 
 
 def _verify(flags, capsys, *extra):
+    """The decision line's score, threshold and short source, and the source line above it."""
     capsys.readouterr()
     assert main.main(flags + ["--verify", "alice", *extra]) == 0
-    line = capsys.readouterr().out.strip()
-    match = LINE.search(line)
-    assert match, line
+    out = capsys.readouterr().out.strip()
+    match = LINE.search(out)
+    assert match, out
     score, threshold = float(match[1]), float(match[2])
-    assert match[4] == ("ACCEPT" if score >= threshold else "REJECT"), line
-    return line, threshold, match[3]
+    assert match[4] == ("ACCEPT" if score >= threshold else "REJECT"), out
+    said = re.search(rf"^threshold {threshold:.4f}: (.*)$", out, re.MULTILINE)
+    return score, threshold, match[3], said[1] if said else None
 
 
 @pytest.fixture
@@ -55,9 +57,10 @@ def test_other_trial_list_never_moves_the_operating_threshold(evaluated, tmp_pat
         f"of 2 enrollment draws), EER {100 * own['eer_mean']:.2f} %")
     probes = [["--audio", str(root / s / "free_04.wav")] for s in ("spk00", "spk01", "spk02")]
     before = [_verify(flags, capsys, *probe) for probe in probes]
-    for _, threshold, source in before:
+    for _, threshold, source, said in before:
         assert threshold == pytest.approx(own["threshold"], abs=5e-5)
-        assert source == f"operating threshold: {own['threshold_source']}"
+        assert source == "operating threshold"
+        assert said == f"operating threshold: {own['threshold_source']}"
 
     # A list whose pairs cross speakers differently: its EER threshold differs from the split's.
     lines = ["1 spk00/free_00.wav spk00/free_01.wav", "0 spk00/free_00.wav spk01/free_00.wav",
@@ -84,11 +87,12 @@ def test_other_trial_list_never_moves_the_operating_threshold(evaluated, tmp_pat
     assert [_verify(flags, capsys, *probe) for probe in probes] == before
 
     # Choosing that evaluation, or a number, is explicit and said so.
-    _, chosen, source = _verify(flags, capsys, *probes[0], "--threshold_from", str(other))
+    _, chosen, source, said = _verify(flags, capsys, *probes[0], "--threshold_from", str(other))
     assert chosen == pytest.approx(listed["threshold"], abs=5e-5)
-    assert source == f"--threshold_from {other}: {listed['threshold_source']}"
-    _, chosen, source = _verify(flags, capsys, *probes[0], "--threshold", "0.25")
-    assert (chosen, source) == (0.25, "--threshold")
+    assert (source, said) == (f"--threshold_from {other}",
+                              f"--threshold_from {other}: {listed['threshold_source']}")
+    assert _verify(flags, capsys, *probes[0], "--threshold", "0.25")[1:] == (0.25, "--threshold",
+                                                                             None)
 
     # A --trials run into the model's own folder would overwrite its threshold: refused.
     assert main.main(flags + ["--train", "False", "--trials", str(trials), "--audio_path",

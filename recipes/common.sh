@@ -1,0 +1,155 @@
+# Shared by the recipes (sourced, never run): stage dispatch, resumable training, dry runs,
+# and the four-corpus TI-SV data and test sets that ready_model.sh and
+# leave_one_corpus_out.sh share.
+#
+# Settings every recipe reads from the environment:
+#   RUN=DIR      the recipe's own folder (default runs/<recipe>), relative to the repository
+#   DATA=DIR     the corpora (default ../shared/data)
+#   PYTHON=EXE   the interpreter (default python: activate the project's venv first)
+#   WORKERS=K    preprocessing processes (default 2)
+#   DRY_RUN=1    print the commands, one a line on stdout, instead of running them
+# shellcheck shell=bash
+
+# Every path a recipe names is relative to the repository root, so the recipes run from any
+# folder and their printed commands can be pasted at the root.
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+RECIPE_FILE=${BASH_SOURCE[1]}
+RECIPE=$(basename "$RECIPE_FILE" .sh)
+RUN=${RUN:-runs/$RECIPE}
+DATA=${DATA:-../shared/data}
+PYTHON=${PYTHON:-python}
+WORKERS=${WORKERS:-2}
+DRY_RUN=${DRY_RUN:-0}
+
+# Progress goes to stderr: in a dry run stdout carries the commands alone.
+say() { printf '%s\n' "$*" >&2; }
+
+# quote WORD: WORD as the shell reads it back, left bare when it needs no quoting (printf %q
+# would also escape the commas of --train_path lists).
+quote() {
+  if [[ $1 =~ ^[][A-Za-z0-9_./,+=:@%{}-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    printf '%q' "$1"
+  fi
+}
+
+# run CMD [ARG...]: run it, or in a dry run print it, shell-quoted, on one line.
+run() {
+  if [[ $DRY_RUN == 1 ]]; then
+    local word line=()
+    for word in "$@"; do
+      line+=("$(quote "$word")")
+    done
+    printf '%s\n' "${line[*]}"
+  else
+    say "+ $*"
+    "$@"
+  fi
+}
+
+# run_into FILE CMD [ARG...]: run, keeping a copy of what it prints in FILE.
+run_into() {
+  local file=$1
+  shift
+  if [[ $DRY_RUN == 1 ]]; then
+    run "$@"
+  else
+    mkdir -p "$(dirname "$file")"
+    run "$@" | tee "$file"
+  fi
+}
+
+preprocess() { run "$PYTHON" data_preprocess.py "$@"; }
+
+# train MODEL FLAG...: train into MODEL. When MODEL already holds a checkpoint (an interrupted
+# or finished run), add --restore True: without it main.py would move that model aside and
+# start again from step 0; with it a finished model says so and does nothing.
+train() {
+  local model=$1
+  shift
+  local resume=()
+  if [[ -f $model/checkpoints/checkpoint ]]; then
+    say "$model holds checkpoints: resuming"
+    resume=(--restore True)
+  fi
+  run "$PYTHON" main.py --train True --model_path "$model" "$@" "${resume[@]}"
+}
+
+# evaluate FLAG...: a test only reads the model and rewrites its results, so it simply re-runs.
+evaluate() { run "$PYTHON" main.py --train False "$@"; }
+
+# usage: the recipe's stages (set by stages()) and how to run them.
+usage() {
+  say "stages: $STAGES"
+  say "usage: bash $RECIPE_FILE [STAGE ...]   (no stage: all of them, in this order)"
+}
+
+# stages "S1 S2 ..." "$@": run the stages named on the command line (all, in the recipe's
+# order, when none is), each the recipe's function stage_<name>.
+stages() {
+  STAGES=$1
+  shift
+  local chosen=("$@") stage
+  if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    # The recipe's header: its comment lines after the shebang.
+    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$RECIPE_FILE" >&2
+    usage
+    exit 0
+  fi
+  ((${#chosen[@]})) || read -r -a chosen <<<"$STAGES"
+  for stage in "${chosen[@]}"; do
+    if [[ " $STAGES " != *" $stage "* ]]; then
+      say "$RECIPE: unknown stage '$stage'"
+      usage
+      exit 2
+    fi
+  done
+  for stage in "${chosen[@]}"; do
+    say "== $RECIPE: $stage (into $RUN)"
+    "stage_$stage"
+  done
+}
+
+# --- the four-corpus TI-SV data (ready_model.sh, leave_one_corpus_out.sh) -------------------
+
+# preprocess_four_corpora DIR: each corpus's seeded split (--test_ratio 0.2, --seed 0) into
+# DIR/<corpus>/{train_aug,test}; the training speakers of all but fsdd also at 0.9x / 1.1x speed
+# as new speakers, and every training utterance twice more in a simulated room with noise.
+# fsdd keeps its 8 kHz clips of single digits with --min_frames 20 and is not sped up.
+preprocess_four_corpora() {
+  local dir=$1 corpus
+  for corpus in speechocean762 commonvoice dspspeech20; do
+    preprocess --audio_path "$DATA/$corpus" --train_path "$dir/$corpus/train_aug" \
+      --test_path "$dir/$corpus/test" --workers "$WORKERS" --speed_perturb 0.9 1.1 --augment 2
+  done
+  preprocess --audio_path "$DATA/fsdd" --train_path "$dir/fsdd/train_aug" \
+    --test_path "$dir/fsdd/test" --workers "$WORKERS" --min_frames 20 --augment 2
+}
+
+# The flags shared by the ready model and the leave-one-out runs (its 5,000-step version).
+TISV_FLAGS=(--N 16 --M 10 --optim adam --lr 1e-3 --beta1 0.9 --beta2 0.999)
+
+# test_on CORPUS DIR MODEL RESULTS COHORT: the model card's test of CORPUS's test speakers
+# (split in DIR): speechocean762 all pairs and the similarity-matrix test (which sets the
+# model's operating threshold), Common Voice its same-language pairs, dspspeech20 the
+# same-word pairs listed in Results/pretrained. COHORT (a training folder) is AS-norm's cohort.
+test_on() {
+  local corpus=$1 dir=$2 model=$3 results=$4 cohort=$5
+  local trials=()
+  case $corpus in
+    speechocean762) ;;
+    commonvoice)
+      trials=(--trials "$dir/commonvoice/test/trials_same_language.txt"
+        --audio_path "$DATA/commonvoice") ;;
+    dspspeech20)
+      trials=(--trials Results/pretrained/dspspeech20_trials_same_word.txt
+        --audio_path "$DATA/dspspeech20") ;;
+    *)
+      say "test_on: no test of corpus '$corpus'"
+      return 2 ;;
+  esac
+  evaluate --model_path "$model" --train_path "$cohort" --test_path "$dir/$corpus/test" \
+    "${trials[@]}" --results_path "$results"
+}
