@@ -143,13 +143,13 @@ def check_inputs(config: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     config = configuration.parse_config(argv)
     said = choose_model(config)
+    if said:
+        print(said)
     try:
         check_inputs(config)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if said:
-        print(said)
     # TensorFlow loads only after the flags and paths are known to be valid.
     tf = import_tensorflow()
 
