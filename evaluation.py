@@ -81,18 +81,25 @@ def embed_store(embed, store: dataset.SpeakerStore, window: int, desc: str
 
 
 def embed_files(embed, root: Path, names: list[str], config: argparse.Namespace
-                ) -> dict[str, np.ndarray]:
-    """Utterance d-vectors of audio files under root, by relative name; a bad file is an error."""
+                ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Utterance d-vectors of audio files under root, by relative name, and why each unusable
+    file (missing, unreadable, silent, too short) was skipped."""
     paths = [root / name for name in names]
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: named in the trial list but not found")
-    utterances = features.files_inference_features(paths, config)
-    for path, result in zip(paths, utterances):
-        if isinstance(result, features.AudioError):
-            raise ValueError(f"{path}: {result}")
-    vectors = model.utterance_d_vectors(embed, utterances, config.window_frames)
-    return dict(zip(names, vectors))
+    results = features.files_inference_features(paths, config)
+    usable = {n: r for n, r in zip(names, results) if not isinstance(r, features.AudioError)}
+    skipped = {n: str(r) for n, r in zip(names, results) if isinstance(r, features.AudioError)}
+    vectors = model.utterance_d_vectors(embed, list(usable.values()), config.window_frames
+                                        ) if usable else []
+    return dict(zip(usable, vectors)), skipped
+
+
+def skip_report(skipped: dict[str, str], trials: int, dropped: int) -> str:
+    """One line: how many files and trials were skipped, by reason, with one example each."""
+    reasons: dict[str, list[str]] = {}
+    for name, reason in skipped.items():
+        reasons.setdefault(reason.split(":")[0].split(" (")[0], []).append(name)
+    kinds = "; ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in sorted(reasons.items()))
+    return f"skipped {len(skipped)} file(s) and the {dropped} of {trials} trials using them: {kinds}"
 
 
 def verification_draw(d_vectors: dict[str, np.ndarray], enroll_ratio: float,
@@ -204,7 +211,15 @@ def test(config: argparse.Namespace) -> dict:
         if not config.audio_path:
             raise ValueError("--trials needs --audio_path, the folder its paths are relative to")
         names = sorted({name for _, a, b in trials for name in (a, b)})
-        vectors = embed_files(embed, Path(config.audio_path), names, config)
+        vectors, skipped = embed_files(embed, Path(config.audio_path), names, config)
+        listed = len(trials)
+        trials = [t for t in trials if t[1] in vectors and t[2] in vectors]
+        if skipped:
+            print(skip_report(skipped, listed, listed - len(trials)))
+            summary["skipped_files"] = len(skipped)
+            summary["skipped_trials"] = listed - len(trials)
+        if not trials:
+            raise ValueError(f"--trials {config.trials}: no trial has two usable files")
         origin = f"from {config.trials}"
     else:
         store = dataset.open_store(config.test_path, config, "test")

@@ -19,6 +19,7 @@ import data_preprocess
 import features
 import main
 import model
+import utils
 
 # file name under the "mixed" speaker -> the kind of skip it must produce
 BAD_FILES = {
@@ -368,7 +369,7 @@ def test_missing_or_partial_checkpoint(tmp_path_factory, tmp_path, capsys, reque
 
 
 @pytest.mark.parametrize("content, expected", [
-    (None, "cannot read the trial list"),
+    (None, "no such file"),
     ("", "no trials; expected lines 'label enrol test'"),
     ("1 spk00/utt00.wav\n", ":1: expected 'label enrol test'"),
     ("1 a.wav b.wav\n2 a.wav b.wav\n", ":2: expected 'label enrol test' with label 0 or 1"),
@@ -376,7 +377,7 @@ def test_missing_or_partial_checkpoint(tmp_path_factory, tmp_path, capsys, reque
     ("0 /etc/passwd spk00/utt01.wav\n", "must be a path inside --audio_path"),
     (b"1 \xff\xfe.wav b.wav\n", "expected a UTF-8 text file"),
     ("1 spk00/utt00.wav spk00/nope.wav\n0 spk00/utt00.wav spk01/utt00.wav\n",
-     "named in the trial list but not found"),
+     "need both target (1) and nontarget (0)"),  # the target trial's file is missing
     ("1 spk00/utt00.wav spk00/utt01.wav\n", "need both target (1) and nontarget (0)"),
 ])
 def test_malformed_trial_list(tmp_path_factory, tmp_path, capsys, content, expected):
@@ -392,7 +393,42 @@ def test_malformed_trial_list(tmp_path_factory, tmp_path, capsys, content, expec
     line = one_line_error(err)
     assert expected in line
     if expected != "need both target (1) and nontarget (0)":
-        assert str(trials) in line or "spk00/nope.wav" in line
+        assert str(trials) in line
+
+
+def test_trial_list_scores_every_trial_it_can(tmp_path_factory, tmp_path, capsys):
+    """A missing, an unreadable and a silent file drop only their own trials, counted by reason;
+    EER is that of the remaining trials' scores."""
+    flags = trained(tmp_path_factory)
+    shared = Path(flags[flags.index("--audio_path") + 1])
+    root = tmp_path / "audio"
+    for speaker in ("spk00", "spk01"):
+        (root / speaker).parent.mkdir(exist_ok=True)
+        (root / speaker).symlink_to(shared / speaker)
+    (root / "bad").mkdir()
+    (root / "bad" / "noise.wav").write_bytes(b"RIFF....not audio")
+    sf.write(root / "bad" / "silence.wav", np.zeros(16000, np.float32), 16000)
+    good = ["1 spk00/utt00.wav spk00/utt01.wav", "0 spk00/utt00.wav spk01/utt00.wav",
+            "1 spk01/utt00.wav spk01/utt01.wav", "0 spk01/utt01.wav spk00/utt01.wav"]
+    bad = ["1 spk00/utt00.wav bad/missing.wav", "0 bad/noise.wav spk01/utt00.wav",
+           "0 spk00/utt01.wav bad/silence.wav"]
+    trials = tmp_path / "trials.txt"
+    trials.write_text("\n".join(good[:2] + bad + good[2:]) + "\n")
+    results = tmp_path / "results"
+    assert main.main(flags + ["--train", "False", "--trials", str(trials), "--audio_path",
+                              str(root), "--results_path", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 3 file(s) and the 3 of 7 trials using them" in out
+    for reason in ("file not found", "not readable audio", "silent"):
+        assert reason in out
+    rows = [line.split() for line in (results / "scores.txt").read_text().splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [tuple(t.split()[1:]) for t in good]
+    scores = np.array([float(r[2]) for r in rows])
+    labels = np.array([r[3] == "target" for r in rows])
+    saved = json.loads((results / "evaluation.json").read_text())
+    assert saved["raw"]["eer"] == pytest.approx(
+        utils.equal_error_rate(scores[labels], scores[~labels])[0], abs=1e-9)
+    assert (saved["skipped_files"], saved["skipped_trials"]) == (3, 3)
 
 
 def test_preprocessing_does_not_need_write_access_to_the_audio(tmp_path):
