@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import mmap
 import os
 import struct
 import sys
@@ -23,6 +24,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus")  # all read by libsndfile >= 1.1
+AUDIO_TYPES = "WAV, FLAC, MP3, OGG/Opus"  # AUDIO_EXTENSIONS in words, for messages
 LOG_FLOOR = 1e-6  # digital silence in the recordings must not give log(0)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
@@ -52,25 +54,119 @@ def window_samples(config: argparse.Namespace) -> int:
     return int(round(config.window * config.sr))
 
 
-def wav_truncation(path: str | Path) -> str | None:
+def _wav_truncation(handle, size: int) -> str | None:
     """Why a RIFF/WAVE file is cut short (its data chunk runs past the end), else None."""
-    with open(path, "rb") as handle:
-        header = handle.read(12)
-        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+    position = 12
+    while position + 8 <= size:
+        handle.seek(position)
+        chunk_id, length = struct.unpack("<4sI", handle.read(8))
+        if chunk_id == b"data":
+            # 0 and 0xFFFFFFFF are placeholders of streaming writers, not a promise.
+            if 0 < length < 0xFFFFFFFF and position + 8 + length > size:
+                return (f"the data chunk declares {length} bytes but the file holds "
+                        f"{size - position - 8}")
             return None
-        size = Path(path).stat().st_size
-        position = 12
-        while position + 8 <= size:
-            handle.seek(position)
-            chunk_id, length = struct.unpack("<4sI", handle.read(8))
-            if chunk_id == b"data":
-                # 0 and 0xFFFFFFFF are placeholders of streaming writers, not a promise.
-                if 0 < length < 0xFFFFFFFF and position + 8 + length > size:
-                    return (f"the data chunk declares {length} bytes but the file holds "
-                            f"{size - position - 8}")
-                return None
-            position += 8 + length + (length & 1)
+        position += 8 + length + (length & 1)
     return None
+
+
+# kbit/s of MPEG audio bitrate indices 1-14, by (MPEG-1, layer); MPEG-2 and 2.5 share rows.
+_MPEG2_LOW_KBPS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)
+_MPEG_KBPS = {
+    (True, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): _MPEG2_LOW_KBPS, (False, 3): _MPEG2_LOW_KBPS}
+_MPEG_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def _mpeg_frame_bytes(header: int) -> int | None:
+    """Length in bytes of the MPEG audio frame that starts with this 32-bit header, else None
+    (not a header, or free format, whose length no header states)."""
+    if header >> 21 != 0x7FF:
+        return None
+    version, layer = (header >> 19) & 3, 4 - ((header >> 17) & 3)
+    bitrate, rate, padding = (header >> 12) & 15, (header >> 10) & 3, (header >> 9) & 1
+    if version == 1 or layer == 4 or bitrate in (0, 15) or rate == 3:
+        return None
+    bits = _MPEG_KBPS[version == 3, layer][bitrate - 1] * 1000  # version 3 is MPEG-1
+    sr = _MPEG_RATES[version][rate]
+    if layer == 1:
+        return (12 * bits // sr + padding) * 4
+    return (144 if version == 3 or layer == 2 else 72) * bits // sr + padding
+
+
+def _mp3_truncation(data: mmap.mmap, size: int) -> str | None:
+    """Why an MPEG audio file is cut short (its last frame runs past the end), else None; a
+    stream that does not follow frame after frame (junk, trailing tags) is left to the decoder."""
+    position = 0
+    if data[:3] == b"ID3" and size >= 10:  # ID3v2 tag: its size in 7-bit bytes, a footer flag
+        position = 10 + sum((byte & 0x7F) << (21 - 7 * i) for i, byte in enumerate(data[6:10]))
+        position += 10 if data[5] & 0x10 else 0
+        if position > size:
+            return f"the ID3 tag declares {position} bytes but the file holds {size}"
+    while position + 4 <= size:
+        length = _mpeg_frame_bytes(struct.unpack_from(">I", data, position)[0])
+        if length is None:
+            return None
+        if position + length > size:
+            return (f"the MPEG frame at byte {position} needs {length} bytes but the file "
+                    f"ends {size - position} bytes into it")
+        position += length
+    if position < size and data[position] == 0xFF:
+        return f"the file ends inside the MPEG frame header at byte {position}"
+    return None
+
+
+def _ogg_truncation(data: mmap.mmap, size: int) -> str | None:
+    """Why an Ogg file is cut short (its last page runs past the end, or a stream has no
+    end-of-stream page), else None; anything but page after page is left to the decoder."""
+    position, unfinished = 0, set()
+    while position < size:
+        if size - position < 27 or position + 27 + data[position + 26] > size:
+            if b"OggS".startswith(data[position:position + 4]):
+                return f"the file ends inside the Ogg page header at byte {position}"
+            return None
+        if data[position:position + 4] != b"OggS":
+            return None
+        flags, serial, segments = struct.unpack_from("<B8xI8xB", data, position + 5)
+        length = 27 + segments + sum(data[position + 27:position + 27 + segments])
+        if position + length > size:
+            return (f"the Ogg page at byte {position} needs {length} bytes but the file ends "
+                    f"{size - position} bytes into it")
+        if flags & 2:  # beginning of a logical stream
+            unfinished.add(serial)
+        if flags & 4:  # its end
+            unfinished.discard(serial)
+        position += length
+    return "an Ogg stream has no end-of-stream page" if unfinished else None
+
+
+def truncation(path: str | Path) -> str | None:
+    """Why a WAV, MP3 or Ogg file is cut short of the length its own structure states, else None.
+
+    libsndfile decodes what is left of such a file without a word; FLAC fails in the decoder."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+        if len(head) == 12 and head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+            return _wav_truncation(handle, size)
+        is_ogg = head[:4] == b"OggS"
+        if size < 4 or not (is_ogg or head[:3] == b"ID3" or
+                            _mpeg_frame_bytes(int.from_bytes(head[:4], "big"))):
+            return None
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return (_ogg_truncation if is_ogg else _mp3_truncation)(data, size)
+
+
+def _libsndfile_reason(error: sf.LibsndfileError) -> str:
+    """libsndfile's error in words that name the problem."""
+    reason = error.error_string.strip().rstrip(".").removeprefix("Error : ")
+    # The file exists: for a .mp3 that is not MPEG audio libsndfile says it does not.
+    if error.code == 1 or reason.startswith("File does not exist"):
+        return f"format not recognised (expected {AUDIO_TYPES})"
+    return reason
 
 
 def load_audio(path: str | Path, sr: int) -> np.ndarray:
@@ -78,16 +174,27 @@ def load_audio(path: str | Path, sr: int) -> np.ndarray:
     if not os.path.isfile(path):
         raise AudioError("missing", "file not found")
     try:
-        # libsndfile silently reads what is left of a truncated WAV; a cut recording is a bad file.
-        truncated = wav_truncation(path)
-        wav, file_sr = sf.read(path, dtype="float32", always_2d=True)
-    except sf.LibsndfileError as error:
-        raise AudioError("unreadable", f"not readable audio ({error.error_string.strip()})"
-                         ) from None
+        if os.path.getsize(path) == 0:
+            raise AudioError("unreadable", "not readable audio: empty file (0 bytes)")
+        # A cut recording is a bad file, though libsndfile reads what is left of it.
+        cut = truncation(path)
+        if cut:
+            raise AudioError("truncated", f"not readable audio: cut short: {cut}")
+        try:
+            sound = sf.SoundFile(path)
+        except sf.LibsndfileError as error:
+            raise AudioError("unreadable", f"not readable audio: {_libsndfile_reason(error)}"
+                             ) from None
+        with sound:
+            file_sr = sound.samplerate
+            try:
+                wav = sound.read(dtype="float32", always_2d=True)
+            except sf.LibsndfileError as error:
+                raise AudioError("unreadable", "not readable audio: damaged or cut short after "
+                                 f"its header ({_libsndfile_reason(error)})") from None
     except (RuntimeError, OSError) as error:
-        raise AudioError("unreadable", f"not readable audio ({str(error).splitlines()[0]})") from None
-    if truncated:
-        raise AudioError("truncated", f"truncated: {truncated}")
+        raise AudioError("unreadable", f"not readable audio: {str(error).splitlines()[0]}"
+                         ) from None
     if wav.shape[0] == 0:
         raise AudioError("empty", "no samples")
     wav = wav[:, 0] if wav.shape[1] == 1 else wav.mean(axis=1)

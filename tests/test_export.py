@@ -162,8 +162,18 @@ def test_tdsv_savedmodel_matches_in_process_on_real_recordings(tiny_tdsv, dsp_fi
     assert "evaluation.json does not exist" in metadata["threshold_source"]
 
 
+@pytest.fixture(scope="module")
+def tisv_tflite(tiny_tisv, tmp_path_factory) -> Path:
+    """The tiny TI-SV model exported to float/d_vector.tflite and int8/d_vector_int8.tflite."""
+    root = tmp_path_factory.mktemp("tflite")
+    flags = tiny_tisv + ["--format", "tflite"]
+    assert main.main(flags + ["--export", str(root / "float")]) == 0
+    assert main.main(flags + ["--export", str(root / "int8"), "--quantize", "int8"]) == 0
+    return root
+
+
 def _window_reference(embed, wav: np.ndarray, config) -> np.ndarray | None:
-    """The in-process d-vector of one window taken as a recording (None: too little voice)."""
+    """The in-process d-vector of a recording (None: too little voice)."""
     try:
         frames = features.voiced_features(wav, config)
     except features.AudioError:
@@ -171,10 +181,8 @@ def _window_reference(embed, wav: np.ndarray, config) -> np.ndarray | None:
     return model.utterance_d_vectors(embed, [frames], config.window_frames)[0]
 
 
-def test_tflite_tisv_window_matches_in_process(tiny_tisv, litert, tmp_path):
-    flags = tiny_tisv + ["--format", "tflite"]
-    assert main.main(flags + ["--export", str(tmp_path / "float")]) == 0
-    assert main.main(flags + ["--export", str(tmp_path / "int8"), "--quantize", "int8"]) == 0
+def test_tflite_tisv_window_matches_in_process(tiny_tisv, tisv_tflite, litert):
+    tmp_path = tisv_tflite
     config, encoder = model.load_trained(configuration.parse_config(tiny_tisv))
     embed = model.make_embedder(encoder, config.n_mels)
     run = export.tflite_runner(tmp_path / "float" / "d_vector.tflite")
@@ -208,6 +216,33 @@ def test_tflite_tisv_window_matches_in_process(tiny_tisv, litert, tmp_path):
     assert metadata["quantize"] == "int8" and f"[{length}]" in metadata["input"]["waveform"]
 
 
+def test_tflite_utterance_signature_matches_in_process(tiny_tisv, tisv_tflite, litert):
+    """The `utterance` signature reads a whole recording as the in-process path does: VAD over
+    the recording, then windows of its voiced frames (not each window's own VAD)."""
+    config, encoder = model.load_trained(configuration.parse_config(tiny_tisv))
+    embed = model.make_embedder(encoder, config.n_mels)
+    run = export.tflite_runner(tisv_tflite / "float" / "d_vector.tflite", signature="utterance")
+    run_int8 = export.tflite_runner(tisv_tflite / "int8" / "d_vector_int8.tflite",
+                                    signature="utterance")
+    root = Path(_flag(tiny_tisv, "--synthetic_path"))
+    takes = [features.load_audio(p, config.sr) for p in sorted((root / "spk05").glob("*.wav"))]
+    pause = np.zeros(config.sr // 2, np.float32)
+    # A quiet take between loud ones: the recording's VAD drops frames a window's would keep.
+    recording = np.concatenate([takes[0], pause, 0.05 * takes[1], pause, takes[2]])
+    assert len(features.voiced_features(recording, config)) > 2 * config.window_frames
+    for wav in (recording, takes[0], takes[0][:160 * 120]):
+        reference = _window_reference(embed, wav, config)
+        out = run(waveform=wav)
+        assert int(out["usable"]) == 1
+        np.testing.assert_allclose(out["d_vector"], reference, atol=1e-5)
+        assert float(run_int8(waveform=wav)["d_vector"] @ reference) > 0.99
+    assert _window_reference(embed, takes[0][:3000], config) is None
+    assert int(run(waveform=takes[0][:3000])["usable"]) == 0
+    assert int(run(waveform=np.zeros(config.sr, np.float32))["usable"]) == 0  # load_audio: silent
+    metadata = json.loads((tisv_tflite / "float" / "d_vector.json").read_text())
+    assert set(metadata["signatures"]) == {"serving_default", "utterance"}
+
+
 def test_tflite_tdsv_matches_in_process_on_real_recordings(tiny_tdsv, dsp_files, litert,
                                                            tmp_path, capsys):
     assert main.main(tiny_tdsv + ["--train", "False"]) == 0
@@ -227,6 +262,16 @@ def test_tflite_tdsv_matches_in_process_on_real_recordings(tiny_tdsv, dsp_files,
         assert int(out["usable"]) == 1
         np.testing.assert_allclose(out["d_vector"], reference, atol=1e-5)
         assert float(run_int8(**inputs)["d_vector"] @ reference) > 0.99
+    # The `utterance` signature takes a recording of any length, longer than the buffer too.
+    utterance = export.tflite_runner(tmp_path / "d_vector.tflite", signature="utterance")
+    for path, reference in zip(dsp_files, expected):
+        wav = features.load_audio(path, config.sr)
+        longer = np.concatenate([np.zeros(length, np.float32), wav])
+        for recording, expected_vector in ((wav, reference),
+                                           (longer, trained.embed_waveform(longer, config.sr))):
+            out = utterance(waveform=recording)
+            assert int(out["usable"]) == 1
+            np.testing.assert_allclose(out["d_vector"], expected_vector, atol=1e-5)
     # The operating threshold of the model's own test, with its source, travels with the file.
     evaluation = json.loads((Path(_flag(tiny_tdsv, "--model_path")) /
                              "evaluation.json").read_text())
