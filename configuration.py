@@ -299,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     use.add_argument("--threshold_from", type=str, default="", metavar="RESULTS_DIR",
                      help="--verify: take the operating threshold from the evaluation.json of "
                           "this evaluation (a --results_path of a --train False run)")
+    use.add_argument("--cohort", action="store_true",
+                     help="write the AS-norm cohort shipped with a model: one speaker model per "
+                          "speaker of --train_path, into <model_path>/cohort.npz; --train False "
+                          "uses it when --train_path is not given")
     use.add_argument("--summarize", type=str, nargs="+", default=[], metavar="DIR",
                      help="mean EERs of several tests (e.g. the folds of a cross-validation) "
                           "from the evaluation.json in each test's --results_path DIR")
@@ -319,10 +323,10 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     config = parser.parse_args(argv)
     config.explicit = sorted(explicit_flags(argv, parser))
     commands = [bool(config.enroll), bool(config.verify), config.identify, bool(config.pairs),
-                config.embed, bool(config.export), bool(config.summarize)]
+                config.embed, bool(config.export), config.cohort, bool(config.summarize)]
     if sum(commands) > 1:
         parser.error("use one of --enroll, --verify, --identify, --pairs, --embed, --export, "
-                     "--summarize at a time")
+                     "--cohort, --summarize at a time")
     if (config.enroll or config.verify or config.identify) and not config.audio:
         parser.error("--enroll, --verify and --identify need --audio FILE [FILE ...]")
     if config.tisv_frame_min > config.tisv_frame:

@@ -3,6 +3,7 @@
 Run as `python data_preprocess.py [flags]`; with no --audio_path it builds and uses the embedded
 synthetic corpus. Each speaker is written atomically, so an interrupted run resumes where it
 stopped; bad files are skipped and counted with their reason in the split's manifest.json.
+The corpus layouts are read in corpora.py; the --workers pool is workers.py.
 """
 
 from __future__ import annotations
@@ -16,182 +17,52 @@ if __name__ == "__main__":
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
-import csv
-import ctypes
 import functools
 import gc
 import glob
-import hashlib
-import multiprocessing
-import queue
 import re
-import signal
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 import configuration
+import corpora
 import features
 import utils
+import workers
 
 NOISE_SECONDS_PER_FILE = 30.0
 SYNTHETIC_PHRASE_PATTERN = r"phrase_\d+\.wav$"
 SPEAKER_SKIPPED = "speaker below --min_utterances"  # the kind of a skipped-speaker entry
-PR_SET_PDEATHSIG = 1  # Linux prctl option (sys/prctl.h)
-CV_TSV = "validated.tsv"  # Common Voice's list of validated clips, one per language
-SPEAKER_NAME_LENGTH = 16  # characters of a client_id kept as the speaker name
 LANGUAGE_TRIALS = "trials_same_language.txt"
 COPY_MARK = "#augment"  # an augmented copy's utterance name: <path>#augment<k>
+# Kept under their old names for the callers that reach them through this module.
+find_utterances = corpora.find_utterances
+_worker_context = workers.worker_context
+_die_with_parent = workers.die_with_parent
 
 
-def find_utterances(root: str | Path) -> dict[str, list[str]]:
-    """speaker -> sorted audio paths relative to root; the speaker is the first folder level.
-    Symlinked folders are followed (corpus subsets are often built from links), each once."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--audio_path {root}: not a folder")
-    tree: dict[str, list[str]] = {}
-    seen = set()
-    # Plain strings, not Path objects: at VoxCeleb2's million files pathlib costs a minute.
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:  # a link loop, or two links to one folder
-            subfolders.clear()
-            continue
-        seen.add(real)
-        relative = os.path.relpath(folder, root)
-        if relative == os.curdir:
-            continue
-        speaker = relative.split(os.sep, 1)[0]
-        prefix = relative.replace(os.sep, "/") + "/"
-        for name in names:
-            if (os.path.splitext(name)[1].lower() in features.AUDIO_EXTENSIONS
-                    and os.path.isfile(os.path.join(folder, name))):
-                tree.setdefault(speaker, []).append(prefix + name)
-    if not tree:
-        raise FileNotFoundError(f"--audio_path {root}: no <speaker>/**/<file> audio files "
-                                f"({', '.join(features.AUDIO_EXTENSIONS)}) and no Common Voice "
-                                f"<lang>/{CV_TSV}")
-    return {speaker: sorted(paths) for speaker, paths in sorted(tree.items())}
+@dataclass(frozen=True)
+class SpeakerJob:
+    """One speaker at one speed, to be written into out_dir: what a --workers process does."""
 
-
-class Corpus(NamedTuple):
-    """The utterances found under --audio_path, and what the Common Voice reader knows of them."""
-
-    tree: dict[str, list[str]]  # speaker -> sorted paths relative to the root
-    languages: dict[str, str]  # path -> language folder (Common Voice only)
-    rows: dict[str, str]  # path -> '<tsv>:<line>' it was listed on (Common Voice only)
-    skipped: list[dict]  # unusable TSV lines, which belong to no speaker
-
-
-def find_corpus(root: str | Path) -> Corpus:
-    """Common Voice (ROOT/<lang>/validated.tsv, or one release folder ROOT/validated.tsv with
-    ROOT/clips/) when its TSVs are there, else the <speaker>/**/<utt> tree."""
-    root = Path(root)
-    if (root / CV_TSV).is_file() and (root / "clips").is_dir():
-        return read_commonvoice(root, [(root, "", root.resolve().name)])
-    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    if any((folder / CV_TSV).is_file() for folder in folders):
-        return read_commonvoice(root, [(folder, folder.name + "/", folder.name)
-                                       for folder in folders])
-    return Corpus(find_utterances(root), {}, {}, [])
-
-
-def read_commonvoice(root: Path, languages: list[tuple[Path, str, str]]) -> Corpus:
-    """Speakers (client_id) and clips of each (folder, path prefix, language)'s validated.tsv;
-    a malformed line is skipped with its file and line number, a language without a TSV too."""
-    clips: dict[str, list[str]] = {}  # client_id -> paths
-    languages_of, rows, skipped = {}, {}, []
-    for folder, prefix, language in languages:
-        tsv = f"{prefix}{CV_TSV}"
-        if not (folder / CV_TSV).is_file():
-            skipped.append({"path": prefix.rstrip("/"), "kind": "malformed",
-                            "reason": f"{prefix}: a language folder without {CV_TSV}"})
-            continue
-        for line, client_id, clip, problem in _tsv_rows(folder / CV_TSV):
-            path = f"{prefix}clips/{clip}"
-            if problem is None and path in rows:
-                problem = f"clip already listed on {rows[path]}"
-            if problem is not None:
-                skipped.append({"path": f"{tsv}:{line}", "kind": "malformed",
-                                "reason": f"{tsv} line {line}: {problem}"})
-                continue
-            clips.setdefault(client_id, []).append(path)
-            languages_of[path] = language
-            rows[path] = f"{tsv}:{line}"
-    if not clips:
-        raise FileNotFoundError(f"--audio_path {root}: no usable row in its Common Voice "
-                                f"{CV_TSV} files")
-    names = speaker_names(list(clips))
-    tree = {names[client]: sorted(paths) for client, paths in clips.items()}
-    return Corpus(dict(sorted(tree.items())), languages_of, rows, skipped)
-
-
-def _tsv_rows(tsv: Path) -> Iterator[tuple[int, str, str, str | None]]:
-    """(line number, client_id, clip file name, problem or None) of each row after the header.
-    Parsed line by line (CRLF or LF), so a stray quote spoils its own line only."""
-    lines = tsv.read_bytes().splitlines()
-    header = next(csv.reader([lines[0].decode("utf-8-sig", "replace")], delimiter="\t")) \
-        if lines else []
-    if "client_id" not in header or "path" not in header:
-        yield 1, "", "", f"the header {header[:3]}... lacks the client_id and path columns"
-        return
-    id_column, path_column = header.index("client_id"), header.index("path")
-    for number, raw in enumerate(lines[1:], 2):
-        if not raw.strip():
-            continue
-        try:
-            fields = next(csv.reader([raw.decode("utf-8")], delimiter="\t", strict=True))
-        except UnicodeDecodeError:
-            yield number, "", "", "not UTF-8 text"
-            continue
-        except csv.Error as error:
-            yield number, "", "", f"unbalanced CSV quoting ({error})"
-            continue
-        if len(fields) != len(header):
-            yield number, "", "", (f"{len(fields)} tab-separated columns, expected "
-                                   f"{len(header)} as in the header")
-            continue
-        client_id, clip = fields[id_column].strip(), fields[path_column].strip()
-        if not client_id:
-            yield number, "", "", "empty client_id"
-        elif not clip or clip in (".", "..") or "/" in clip or "\\" in clip:
-            yield number, "", "", f"path {clip!r} is not a file name in clips/"
-        else:
-            yield number, client_id, clip, None
-
-
-def speaker_names(client_ids: list[str]) -> dict[str, str]:
-    """client_id -> a short, safe file name: its first 16 characters (client_ids are hex),
-    longer until no two collide; a client_id with other characters goes by its SHA-1."""
-    safe = {c: c if re.fullmatch(r"[0-9A-Za-z]+", c) else hashlib.sha1(c.encode()).hexdigest()
-            for c in client_ids}
-    longest = max(len(name) for name in safe.values())
-    for length in range(min(SPEAKER_NAME_LENGTH, longest), longest + 1):
-        names = {c: name[:length] for c, name in safe.items()}
-        if len(set(names.values())) == len(names):
-            return names
-    raise ValueError("two Common Voice client_ids give one speaker name")
-
-
-def read_transcripts(root: str | Path) -> dict[str, str]:
-    """path -> transcript from <root>/manifest.csv (columns path and text_if_known or text)."""
-    manifest = Path(root) / "manifest.csv"
-    if not manifest.exists():
-        return {}
-    with open(manifest, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    column = next((c for c in ("text_if_known", "text", "transcript") if rows and c in rows[0]),
-                  None)
-    if column is None or "path" not in rows[0]:
-        return {}
-    return {row["path"]: row[column].strip() for row in rows}
+    split: str
+    root: str
+    speaker: str
+    speed: float
+    paths: list[str]  # relative to root, in the corpus's order
+    out_dir: Path
+    config: argparse.Namespace
+    rows: dict[str, str]  # path -> '<tsv>:<line>' it was listed on (Common Voice): in skip entries
+    languages: dict[str, str]  # path -> language (Common Voice): kept in the sidecar
+    augment: dict  # augmentation_settings of the training split, else empty
+    babble: list[str]  # other training speakers' utterances: the babble of the copies
 
 
 def select_phrase(tree: dict[str, list[str]], transcripts: dict[str, str], phrase: str,
@@ -240,81 +111,39 @@ def split_speakers(speakers: list[str], test_ratio: float, seed: int, folds: int
     return sorted(order[n_test:]), sorted(order[:n_test])
 
 
-def _speaker_job(job: tuple) -> tuple[str, str, bool, list[dict]]:
+def speaker_jobs(split: str, root: str, corpus: corpora.Corpus, tree: dict[str, list[str]],
+                 speakers: list[str], speeds: list[float], out_dir: Path,
+                 config: argparse.Namespace, augmenting: dict,
+                 train_speakers: list[str]) -> list[SpeakerJob]:
+    """The jobs of one split's speakers, one per speed; the training split's are augmented."""
+    augment = augmenting if split == "train" else {}
+    jobs = []
+    for speaker in speakers:
+        paths = tree[speaker]
+        # Only this speaker's share of the corpus: spawned workers are sent every job.
+        rows = {p: corpus.rows[p] for p in paths} if corpus.rows else {}
+        languages = {p: corpus.languages[p] for p in paths} if corpus.rows else {}
+        babble = (babble_sources(tree, train_speakers, speaker, config.seed)
+                  if augment and not config.noise_path else [])
+        jobs += [SpeakerJob(split, root, speaker, speed, paths, out_dir, config, rows, languages,
+                            augment, babble) for speed in speeds]
+    return jobs
+
+
+def _speaker_job(job: SpeakerJob) -> tuple[str, str, bool, list[dict]]:
     """Process one speaker (at one speed) into out_dir, skipped if already complete. Returns
     (split, speaker name written, usable, skipped files)."""
-    split, root, speaker, speed, paths, out_dir, config, meta = job
-    return (split, *_process_speaker(root, speaker, speed, paths, Path(out_dir), config, meta))
+    return (job.split, *_process_speaker(job))
 
 
-def run_jobs(jobs: list[tuple], workers: int) -> Iterator[tuple]:
+def run_jobs(jobs: list[SpeakerJob], count: int) -> Iterator[tuple]:
     """_speaker_job of each job, in the order they finish: in this process with --workers 1,
-    else in `workers` processes (one start for both splits: a start costs up to a second)."""
-    if workers == 1:
+    else in `count` processes (one start for both splits: a start costs up to a second)."""
+    if count == 1:
         features.keep_freed_memory()
         yield from map(_speaker_job, jobs)
         return
-    context = _worker_context()
-    next_job = context.Value("i", 0)
-    results = context.Queue()
-    processes = [context.Process(target=_worker, args=(jobs, next_job, results, os.getpid()),
-                                 daemon=True) for _ in range(workers)]
-    for process in processes:
-        process.start()
-    finished = False
-    try:
-        for _ in jobs:
-            result = _next_result(results, processes)
-            if isinstance(result, BaseException):
-                raise result
-            yield result
-        finished = True
-    finally:
-        for process in processes:
-            if not finished:  # an error, or the caller stopped early: its files stay atomic
-                process.terminate()
-            process.join()
-
-
-def _worker(jobs: list[tuple], next_job, results, parent: int) -> None:
-    """One --workers process: takes the next job from the shared counter until none is left,
-    or the parent is gone (killed). No task queue: the parent only collects results, so it
-    takes no CPU from the workers."""
-    _die_with_parent()
-    _worker_start()
-    while os.getppid() == parent:
-        with next_job.get_lock():
-            index = next_job.value
-            next_job.value += 1
-        if index >= len(jobs):
-            return
-        try:
-            results.put(_speaker_job(jobs[index]))
-        except Exception as error:  # re-raised by the parent, as multiprocessing.Pool does
-            results.put(error)
-            return
-
-
-def _die_with_parent() -> None:
-    """On Linux, be killed with the parent: a re-run started right after `kill -9` must not
-    race a worker of the killed run that is still writing (elsewhere the worker stops after its
-    speaker, when it sees the parent gone)."""
-    prctl = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform == "linux" else None
-    if prctl is not None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _next_result(results, processes: list) -> tuple | BaseException:
-    """The next result from the workers; an error if one of them died without giving one."""
-    while True:
-        try:
-            return results.get(timeout=1.0)
-        except queue.Empty:
-            dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
-            if dead or not any(p.is_alive() for p in processes):
-                raise RuntimeError(f"a --workers process exited with code {dead[0] if dead else 0}"
-                                   " before its speaker was written; re-run to resume (finished "
-                                   "speakers are kept)") from None
+    yield from workers.run(_speaker_job, jobs, count, _worker_start)
 
 
 def _worker_start() -> None:
@@ -325,31 +154,26 @@ def _worker_start() -> None:
     features.keep_freed_memory()
 
 
-def _speaker_meta(corpus: Corpus, paths: list[str]) -> dict:
-    """What a speaker's job needs to know of its paths beyond the audio: the Common Voice TSV
-    line each came from (named in its skip entry) and its language (kept in the sidecar)."""
-    if not corpus.rows:
-        return {}
-    return {"rows": {p: corpus.rows[p] for p in paths},
-            "languages": {p: corpus.languages[p] for p in paths}}
-
-
-def _skip_entry(relative: str, error: features.AudioError, meta: dict, speed: float) -> dict:
+def _skip_entry(relative: str, error: features.AudioError, job: SpeakerJob) -> dict:
     """A bad file's manifest entry; a Common Voice clip's names its TSV line."""
-    row = meta.get("rows", {}).get(relative)
+    row = job.rows.get(relative)
     return {"path": relative, "kind": error.kind,
             "reason": "{} line {}: {}".format(*row.rsplit(":", 1), error) if row else str(error),
-            **({"row": row} if row else {}), **({"speed": speed} if speed != 1.0 else {})}
+            **({"row": row} if row else {}),
+            **({"speed": job.speed} if job.speed != 1.0 else {})}
 
 
-def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], out_dir: Path,
-                     config: argparse.Namespace, meta: dict) -> tuple[str, bool, list[dict]]:
-    settings = features.feature_settings(config) | meta.get("augment", {})
+def _process_speaker(job: SpeakerJob) -> tuple[str, bool, list[dict]]:
+    """Write one job's features and sidecar (or only the sidecar, if too few files are usable).
+    Returns (speaker name written, usable, skipped files)."""
+    root, speed, paths, out_dir, config = job.root, job.speed, job.paths, job.out_dir, job.config
+    speaker = job.speaker
+    settings = features.feature_settings(config) | job.augment
     if speed != 1.0:
         speaker = perturbed_name(speaker, speed)
         settings["speed"] = speed
-    if meta.get("babble"):
-        settings["babble"] = meta["babble"]
+    if job.babble:
+        settings["babble"] = job.babble
     sidecar = out_dir / f"{speaker}.json"
     done = _finished_speaker(sidecar, out_dir / f"{speaker}.npy", settings, paths)
     if done is not None:
@@ -358,7 +182,7 @@ def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], ou
     if copies:
         # Imported when used: pyroomacoustics and scipy.signal take ~1 s to import.
         import augment
-    noise, talkers = _augmentation_noise(root, meta, config) if copies else (None, [])
+    noise, talkers = _augmentation_noise(job) if copies else (None, [])
     arrays, kept, sources, skipped, spans, recipes = [], [], [], [], [], {}
     for relative in paths:
         try:
@@ -370,7 +194,7 @@ def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], ou
                           else features.voiced_features(wav, config))
         except features.AudioError as error:
             # Each speed copy of a bad file is its own entry: one per file written (or not).
-            skipped.append(_skip_entry(relative, error, meta, speed))
+            skipped.append(_skip_entry(relative, error, job))
             continue
         kept.append(relative)
         sources.append(relative)
@@ -383,7 +207,7 @@ def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], ou
                 arrays.append(features.centred_phrase(signal, span, config) if config.tdsv
                               else features.voiced_features(signal, config))
             except features.AudioError as error:
-                skipped.append(_skip_entry(relative, error, meta, speed) | {"copy": copy})
+                skipped.append(_skip_entry(relative, error, job) | {"copy": copy})
                 continue
             kept.append(f"{relative}{COPY_MARK}{copy}")
             sources.append(relative)
@@ -403,7 +227,7 @@ def _process_speaker(root: str, speaker: str, speed: float, paths: list[str], ou
     utils.atomic_save_json(sidecar, {
         "settings": settings, "paths": paths, "utterances": kept, "skipped": skipped,
         "lengths": [len(a) for a in arrays],
-        **({"languages": [meta["languages"][p] for p in sources]} if "languages" in meta else {}),
+        **({"languages": [job.languages[p] for p in sources]} if job.languages else {}),
         **({"augmented": recipes} if copies else {}),
         **({"phrase_frames": spans} if config.tdsv else {})})
     return speaker, usable, skipped
@@ -436,15 +260,15 @@ def babble_sources(tree: dict[str, list[str]], train_speakers: list[str], speake
     return [tree[others[i]][int(rng.integers(len(tree[others[i]])))] for i in chosen]
 
 
-def _augmentation_noise(root: str, meta: dict, config: argparse.Namespace
-                        ) -> tuple[np.ndarray | None, list[np.ndarray]]:
+def _augmentation_noise(job: SpeakerJob) -> tuple[np.ndarray | None, list[np.ndarray]]:
     """(the --noise_path stream or None, the babble talkers' waveforms) of a speaker's copies."""
+    config = job.config
     if config.noise_path:
         return _noise_stream(config.noise_path, config.noise_filenum, config.sr)[0], []
     talkers = []
-    for relative in meta.get("babble", []):
+    for relative in job.babble:
         try:
-            talkers.append(features.load_audio(Path(root) / relative, config.sr))
+            talkers.append(features.load_audio(Path(job.root) / relative, config.sr))
         except features.AudioError:  # counted where its own speaker is processed
             pass
     return None, talkers
@@ -529,6 +353,7 @@ def build_noise(config: argparse.Namespace) -> tuple[np.ndarray, list[dict]]:
 
 
 def shard_name(shard: int, num_shards: int) -> str:
+    """The manifest file of one shard's run."""
     return f"manifest.shard-{shard}-of-{num_shards}.json"
 
 
@@ -605,26 +430,24 @@ def _remove_leftovers(out_dir: Path, speakers: list[str], sharded: bool) -> None
             leftover.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class Split:
+    """One split of this run: where it is written, its speakers (this shard's), and how many
+    speakers each becomes (1 + the --speed_perturb factors)."""
+
+    name: str
+    out_dir: Path
+    speakers: list[str]
+    copies: int
+
+
 def preprocess(config: argparse.Namespace) -> dict:
     """Preprocess --audio_path (or the synthetic corpus) into --train_path and --test_path.
 
     With --num_shards n, this run does every n-th speaker (--shard); the shard that finds all
     n shard manifests written merges them into manifest.json.
     """
-    root = config.audio_path
-    if not root:
-        # Imported here: scipy.signal costs each spawned --workers process almost a second.
-        import synthetic_corpus
-
-        root = synthetic_corpus.build(config.synthetic_path, sr=config.sr, seed=config.seed)
-        if config.tdsv and not (config.tdsv_phrase or config.tdsv_pattern):
-            config.tdsv_pattern = SYNTHETIC_PHRASE_PATTERN
-    corpus = find_corpus(root)
-    tree = corpus.tree
-    if config.tdsv:
-        if not (config.tdsv_phrase or config.tdsv_pattern):
-            raise ValueError("--tdsv True needs --tdsv_phrase or --tdsv_pattern to pick the phrase")
-        tree = select_phrase(tree, read_transcripts(root), config.tdsv_phrase, config.tdsv_pattern)
+    root, corpus, tree, config = _read_corpus(config)
     train_speakers, test_speakers = split_speakers(list(tree), config.test_ratio, config.seed,
                                                    config.folds, config.fold)
     sharded = config.num_shards > 1
@@ -633,85 +456,114 @@ def preprocess(config: argparse.Namespace) -> dict:
         _noise_stream(config.noise_path, config.noise_filenum, config.sr)  # fails before any job
 
     summary = {"source": str(Path(root).resolve()), "settings": features.feature_settings(config)}
-    splits = {}
-    jobs = []
-    for split, speakers, out_dir in (("train", train_speakers, config.train_path),
-                                     ("test", test_speakers, config.test_path)):
+    splits, jobs = [], []
+    for name, speakers, out_dir in (("train", train_speakers, config.train_path),
+                                    ("test", test_speakers, config.test_path)):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         speakers = speakers[config.shard::config.num_shards]
-        speeds = [1.0, *config.speed_perturb] if split == "train" else [1.0]
+        speeds = [1.0, *config.speed_perturb] if name == "train" else [1.0]
         # A run killed mid-write leaves its temp files; the finished files are all renamed ones.
         _remove_leftovers(out_dir, [s if speed == 1.0 else perturbed_name(s, speed)
                                     for s in speakers for speed in speeds], sharded)
         if sharded:
             (out_dir / "manifest.json").unlink(missing_ok=True)  # stale until all shards are in
-        splits[split] = (out_dir, speakers, len(speeds))
-        for s in speakers:
-            meta = _speaker_meta(corpus, tree[s])
-            if split == "train" and augmenting:
-                meta["augment"] = augmenting
-                if not config.noise_path:
-                    meta["babble"] = babble_sources(tree, train_speakers, s, config.seed)
-            jobs += [(split, root, s, speed, tree[s], out_dir, config, meta) for speed in speeds]
+        splits.append(Split(name, out_dir, speakers, len(speeds)))
+        jobs += speaker_jobs(name, root, corpus, tree, speakers, speeds, out_dir, config,
+                             augmenting, train_speakers)
     # One queue for both splits, largest speakers first: no worker idles at the end of a split
     # or waits on one long speaker started last.
-    jobs.sort(key=lambda job: -_audio_bytes(root, job[4]))
-    usable = {split: [] for split in splits}
-    skipped = {split: [] for split in splits}
+    jobs.sort(key=lambda job: -_audio_bytes(job.root, job.paths))
+    usable = {split.name: [] for split in splits}
+    skipped = {split.name: [] for split in splits}
     with threadpool_limits(limits=1, user_api="blas"):
-        for split, speaker, ok, bad in tqdm(run_jobs(jobs, config.workers), total=len(jobs),
-                                            desc="preprocess", unit="speaker",
-                                            dynamic_ncols=True):
+        for name, speaker, ok, bad in tqdm(run_jobs(jobs, config.workers), total=len(jobs),
+                                           desc="preprocess", unit="speaker",
+                                           dynamic_ncols=True):
             if ok:
-                usable[split].append(speaker)
-            skipped[split].extend(bad)
-    for split, (out_dir, speakers, copies) in splits.items():
-        # Sorted: with --workers > 1 speakers finish in any order, the manifest must not vary.
-        settings = features.feature_settings(config) | (augmenting if split == "train" else {})
-        manifest = {"settings": settings, "source": summary["source"],
-                    "split": split, "speakers": sorted(usable[split]),
-                    "skipped": sorted(skipped[split], key=lambda entry: entry["path"])}
-        # Augmented copies count as files: each is skipped (or written) on its own.
-        n_files = copies * sum(len(tree[s]) for s in speakers) * (
-            1 + config.augment * (split == "train"))
-        if split == "train" and config.shard == 0:
-            manifest["skipped"] = sorted(manifest["skipped"] + corpus.skipped,
-                                         key=lambda entry: entry["path"])
-            n_files += len(corpus.skipped)
-        if split == "train" and (config.tdsv or augmenting) and config.noise_path \
-                and config.shard == 0:
-            noise, bad_noise = _noise_stream(config.noise_path, config.noise_filenum, config.sr)
-            if config.tdsv:
-                utils.atomic_save_npy(out_dir / "noise.npy", noise)
-                manifest["noise_seconds"] = len(noise) / config.sr
-            manifest["skipped"].extend(bad_noise)
-        if config.tdsv:
-            manifest["phrase_frames"] = _written_phrase_lengths(out_dir, usable[split],
-                                                                config.tdsv_frame)
-        shard_text = f" (shard {config.shard} of {config.num_shards})" if sharded else ""
-        manifest_file = out_dir / (shard_name(config.shard, config.num_shards) if sharded
-                                   else "manifest.json")
-        if sharded:
-            manifest.update(shard=config.shard, num_shards=config.num_shards)
-        utils.atomic_save_json(manifest_file, manifest)
-        print(f"{split}{shard_text}: {len(usable[split])} of {copies * len(speakers)} speakers "
-              f"written to {out_dir}; skipped {skip_summary(manifest['skipped'])} of {n_files} files "
-              f"(reasons in {manifest_file})")
-        cut = manifest.get("phrase_frames", {}).get("longer_than_tdsv_frame", 0)
-        if cut:
-            summary_frames = manifest["phrase_frames"]
-            print(f"{split}{shard_text}: {cut} of {summary_frames['phrases']} phrases are longer "
-                  f"than --tdsv_frame {config.tdsv_frame} frames and were cut to it (phrase "
-                  f"lengths: median {summary_frames['median']}, 90th percentile "
-                  f"{summary_frames['p90']} frames; --tdsv_frame {summary_frames['p90']} would "
-                  f"keep 90 % of them whole)")
-        if sharded:
-            manifest = _merge_if_complete(out_dir, config.num_shards)
-        elif split == "test":
-            write_language_trials(out_dir, manifest["speakers"])
-        summary[split] = manifest
+                usable[name].append(speaker)
+            skipped[name].extend(bad)
+    for split in splits:
+        summary[split.name] = _write_manifest(split, usable[split.name], skipped[split.name],
+                                              corpus, tree, config, augmenting,
+                                              summary["source"])
     return summary
+
+
+def _read_corpus(config: argparse.Namespace
+                 ) -> tuple[str, corpora.Corpus, dict[str, list[str]], argparse.Namespace]:
+    """(root, corpus, speaker -> paths to preprocess, the config the jobs run with): TD-SV keeps
+    the phrase's paths; a corpus's own noise folder stands in for a missing --noise_path."""
+    root = config.audio_path
+    if not root:
+        # Imported here: scipy.signal costs each spawned --workers process almost a second.
+        import synthetic_corpus
+
+        root = synthetic_corpus.build(config.synthetic_path, sr=config.sr, seed=config.seed)
+        if config.tdsv and not (config.tdsv_phrase or config.tdsv_pattern):
+            config.tdsv_pattern = SYNTHETIC_PHRASE_PATTERN
+    corpus = corpora.find_corpus(root)
+    tree = corpus.tree
+    if config.tdsv:
+        if not (config.tdsv_phrase or config.tdsv_pattern):
+            raise ValueError("--tdsv True needs --tdsv_phrase or --tdsv_pattern to pick the phrase")
+        tree = select_phrase(tree, corpus.texts, config.tdsv_phrase, config.tdsv_pattern)
+    if corpus.noise and not config.noise_path and (config.tdsv or config.augment):
+        # A copy: the caller's flags stay as given.
+        config = argparse.Namespace(**{**vars(config), "noise_path": corpus.noise})
+        print(f"noise: {corpus.noise}, the corpus's {corpora.BACKGROUND_NOISE} folder, stands in "
+              f"for --noise_path")
+    return str(root), corpus, tree, config
+
+
+def _write_manifest(split: Split, usable: list[str], skipped: list[dict], corpus: corpora.Corpus,
+                    tree: dict[str, list[str]], config: argparse.Namespace, augmenting: dict,
+                    source: str) -> dict | None:
+    """Write one split's manifest (this shard's, merged once all shards are in) and print its
+    summary; returns the manifest, None while a sharded run waits for other shards."""
+    out_dir, speakers, copies = split.out_dir, split.speakers, split.copies
+    sharded, train = config.num_shards > 1, split.name == "train"
+    # Sorted: with --workers > 1 speakers finish in any order, the manifest must not vary.
+    settings = features.feature_settings(config) | (augmenting if train else {})
+    manifest = {"settings": settings, "source": source, "split": split.name,
+                "speakers": sorted(usable),
+                "skipped": sorted(skipped, key=lambda entry: entry["path"])}
+    # Augmented copies count as files: each is skipped (or written) on its own.
+    n_files = copies * sum(len(tree[s]) for s in speakers) * (1 + config.augment * train)
+    if train and config.shard == 0:
+        manifest["skipped"] = sorted(manifest["skipped"] + corpus.skipped,
+                                     key=lambda entry: entry["path"])
+        n_files += len(corpus.skipped)
+    if train and (config.tdsv or augmenting) and config.noise_path and config.shard == 0:
+        noise, bad_noise = _noise_stream(config.noise_path, config.noise_filenum, config.sr)
+        if config.tdsv:
+            utils.atomic_save_npy(out_dir / "noise.npy", noise)
+            manifest["noise_seconds"] = len(noise) / config.sr
+        manifest["skipped"].extend(bad_noise)
+    if config.tdsv:
+        manifest["phrase_frames"] = _written_phrase_lengths(out_dir, usable, config.tdsv_frame)
+    shard_text = f" (shard {config.shard} of {config.num_shards})" if sharded else ""
+    manifest_file = out_dir / (shard_name(config.shard, config.num_shards) if sharded
+                               else "manifest.json")
+    if sharded:
+        manifest.update(shard=config.shard, num_shards=config.num_shards)
+    utils.atomic_save_json(manifest_file, manifest)
+    print(f"{split.name}{shard_text}: {len(usable)} of {copies * len(speakers)} speakers "
+          f"written to {out_dir}; skipped {skip_summary(manifest['skipped'])} of {n_files} files "
+          f"(reasons in {manifest_file})")
+    cut = manifest.get("phrase_frames", {}).get("longer_than_tdsv_frame", 0)
+    if cut:
+        summary_frames = manifest["phrase_frames"]
+        print(f"{split.name}{shard_text}: {cut} of {summary_frames['phrases']} phrases are "
+              f"longer than --tdsv_frame {config.tdsv_frame} frames and were cut to it (phrase "
+              f"lengths: median {summary_frames['median']}, 90th percentile "
+              f"{summary_frames['p90']} frames; --tdsv_frame {summary_frames['p90']} would "
+              f"keep 90 % of them whole)")
+    if sharded:
+        return _merge_if_complete(out_dir, config.num_shards)
+    if split.name == "test":
+        write_language_trials(out_dir, manifest["speakers"])
+    return manifest
 
 
 def phrase_length_summary(lengths: list[int], tdsv_frame: int) -> dict:
@@ -751,15 +603,8 @@ def _merge_if_complete(out_dir: Path, num_shards: int) -> dict | None:
     return manifest
 
 
-def _worker_context() -> multiprocessing.context.BaseContext:
-    """fork where it is safe: forked workers start with every module imported (spawned ones
-    import them again, ~0.6 s each). TensorFlow's threads in this process make fork unsafe."""
-    if sys.platform == "linux" and "tensorflow" not in sys.modules:
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
-
-
 def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 on success, 2 on bad input, 1 when no usable speaker is left."""
     config = configuration.parse_config(argv)
     try:
         if config.merge:

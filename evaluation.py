@@ -16,6 +16,7 @@ import utils
 
 P_TARGETS = (0.01, 0.05)
 RECORD = "evaluation.json"  # a test's metrics and thresholds; this module alone reads and writes it
+COHORT = "cohort.npz"  # the AS-norm cohort shipped with a model; this module owns it too
 
 
 def save_record(folder: Path, summary: dict) -> None:
@@ -172,8 +173,13 @@ def threshold_record(threshold: float, eer: float, scored: str) -> dict:
             "threshold_source": f"EER threshold of {scored}, EER {100 * eer:.2f} %"}
 
 
-def cohort_models(embed, config: argparse.Namespace) -> np.ndarray | None:
-    """One d-vector per training speaker, the AS-norm cohort; None when --train_path is absent."""
+def cohort_models(embed, config: argparse.Namespace, fingerprint: str) -> np.ndarray | None:
+    """The AS-norm cohort, one speaker model per training speaker: of --train_path when given,
+    else the one shipped with the model (cohort.npz), else of the default --train_path; None
+    when there is none."""
+    shipped = Path(config.model_path) / COHORT
+    if "train_path" not in config.explicit and shipped.is_file():
+        return read_cohort(shipped, fingerprint)
     try:
         store = dataset.open_store(config.train_path, config, "train")
     except ValueError as error:
@@ -181,6 +187,31 @@ def cohort_models(embed, config: argparse.Namespace) -> np.ndarray | None:
         return None
     vectors = embed_store(embed, store, config.window_frames, "cohort")
     return np.stack([utils.speaker_model(v) for v in vectors.values()])
+
+
+def read_cohort(path: Path, fingerprint: str) -> np.ndarray:
+    """A shipped cohort's speaker models [C,P]; refused if made with other weights."""
+    with np.load(path, allow_pickle=False) as saved:
+        if str(saved["model"]) != fingerprint:
+            raise ValueError(f"{path} was made with other weights ({saved['model']}, this model "
+                             f"is {fingerprint}); write it again with --cohort")
+        return saved["speaker_models"]
+
+
+def write_cohort(config: argparse.Namespace) -> Path:
+    """--cohort: embed every --train_path speaker and ship the speaker models with the model."""
+    config, encoder = model.load_trained(config)
+    embed = model.make_embedder(encoder, config.n_mels, config.window_frames)
+    store = dataset.open_store(config.train_path, config, "train")
+    vectors = embed_store(embed, store, config.window_frames, "cohort")
+    path = Path(config.model_path) / COHORT
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, speaker_models=np.stack([utils.speaker_model(v) for v in vectors.values()]),
+             speakers=np.array(list(vectors), dtype=str),
+             model=np.array(model.model_fingerprint(encoder)))
+    tmp.replace(path)
+    print(f"AS-norm cohort: {len(vectors)} speaker models of {config.train_path} -> {path}")
+    return path
 
 
 def write_scores(path: Path, trials, scores: np.ndarray) -> None:
@@ -264,7 +295,7 @@ def test(config: argparse.Namespace) -> dict:
     write_scores(results / "scores.txt", trials, raw)
     summary["raw"] = raw_metrics
 
-    cohort = cohort_models(embed, config)
+    cohort = cohort_models(embed, config, summary["model"])
     if cohort is not None:
         cohort_scores = matrix @ cohort.T
         normed = utils.as_norm(raw, cohort_scores[enrol], cohort_scores[probe],
@@ -272,6 +303,7 @@ def test(config: argparse.Namespace) -> dict:
         summary["as_norm"] = metrics(normed, labels)
         print(format_metrics("AS-norm", summary["as_norm"]) +
               f"  (cohort {len(cohort)} training speakers, top {config.asnorm_topk})")
+        summary["cohort"] = len(cohort)
         write_scores(results / "scores_asnorm.txt", trials, normed)
 
     if config.trials:

@@ -50,7 +50,7 @@ def import_tensorflow() -> types.ModuleType:
     return tf
 
 
-USE_COMMANDS = ("enroll", "verify", "identify", "pairs", "embed", "export")
+USE_COMMANDS = ("enroll", "verify", "identify", "pairs", "embed", "export", "cohort")
 
 
 def choose_model(config: argparse.Namespace) -> str:
@@ -74,10 +74,13 @@ def _fail(message: str) -> None:
 
 def check_model(path: Path, flag: str = "--model_path") -> None:
     """A trained model folder: config.json and a checkpoint state file."""
-    if not (path / "config.json").is_file() or not (path / "checkpoints" / "checkpoint").is_file():
-        _fail(f"{flag} {path}: no trained model there (expected config.json and checkpoints/); "
-              f"train one with python main.py --train True --model_path {path}, or use the "
-              f"ready model: --model_path {utils.record_path(READY_MODEL)}")
+    ready = f"or use the ready model: --model_path {utils.record_path(READY_MODEL)}"
+    if not (path / "config.json").is_file():
+        _fail(f"{flag} {path}: no trained model there (no config.json); train one with python "
+              f"main.py --train True --model_path {path}, {ready}")
+    if not (path / "checkpoints" / "checkpoint").is_file():
+        _fail(f"{flag} {path}: no checkpoint in {path / 'checkpoints'}; train it (python main.py "
+              f"--train True --model_path {path}), {ready}")
 
 
 def check_inputs(config: argparse.Namespace) -> None:
@@ -121,6 +124,11 @@ def check_inputs(config: argparse.Namespace) -> None:
     # One missing file fails an enrollment; a batch scores what it can and lists the rest.
     if missing and (config.enroll or len(missing) == len(probes)):
         _fail(f"{missing[0]}: no such audio file")
+    if config.cohort:
+        for folder in re.split(r"[,+]", config.train_path):
+            if not Path(folder).is_dir():
+                _fail(f"--train_path {folder}: no such folder (the preprocessed training "
+                      f"speakers whose models form the cohort)")
     if config.embed:
         if not config.out:
             _fail("--embed needs --out FILE.npz")
@@ -170,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             profiles.embed_folder(config)
         elif config.export:
             export.export(config)
+        elif config.cohort:
+            evaluation.write_cohort(config)
         elif config.summarize:
             evaluation.summarize(config.summarize)
         elif config.train:

@@ -118,14 +118,20 @@ def _matmul(a: tf.Tensor, b: tf.Tensor, transpose_a: bool = False, transpose_b: 
 
 
 class LSTMPCell(keras.layers.Layer):
-    """The weights of TF1 LSTMCell(num_proj=...): gates i, j, f, o = [x_t, h_{t-1}] kernel + bias;
+    """TF1 LSTMCell(num_proj=...): gates i, j, f, o = [x_t, h_{t-1}] kernel + bias;
     c_t = sigma(f + forget_bias) c_{t-1} + sigma(i) tanh(j); h_t = (sigma(o) tanh c_t) projection."""
 
-    def __init__(self, units: int, proj_units: int, forget_bias: float = 1.0, **kwargs):
+    def __init__(self, units: int, proj_units: int, forget_bias: float = 1.0,
+                 activation: str = "tanh", **kwargs):
         super().__init__(**kwargs)
         self.units = units
         self.proj_units = proj_units
         self.forget_bias = forget_bias
+        self.activation = keras.activations.get(activation)
+        self.matmul_dtype = tf.float32
+        # keras.layers.RNN's cell interface: the states are (h, c), the output is h.
+        self.state_size = [proj_units, units]
+        self.output_size = proj_units
 
     def build(self, input_shape) -> None:
         input_dim = input_shape[-1]
@@ -135,25 +141,72 @@ class LSTMPCell(keras.layers.Layer):
         self.projection = self.add_weight(name="projection", initializer="glorot_uniform",
                                           shape=(self.units, self.proj_units))
 
+    def call(self, inputs: tf.Tensor, states: list[tf.Tensor]
+             ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """One frame of the reference path, as TF1 LSTMCell(num_proj) computes it: h_t, [h_t, c_t]."""
+        h_prev, c_prev = states
+        # The recurrence reads the projected h_{t-1} (Sak et al. 2014's recurrent projection).
+        z = _matmul(tf.concat([inputs, h_prev], axis=-1),
+                    tf.cast(self.kernel, self.matmul_dtype)) + self.bias
+        i, j, f, o = tf.split(z, 4, axis=-1)
+        c = tf.sigmoid(f + self.forget_bias) * c_prev + tf.sigmoid(i) * self.activation(j)
+        m = tf.sigmoid(o) * self.activation(c)
+        h = _matmul(m, tf.cast(self.projection, self.matmul_dtype))
+        return h, [h, c]
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "units": self.units, "proj_units": self.proj_units,
+                "forget_bias": self.forget_bias,
+                "activation": keras.activations.serialize(self.activation)}
+
+
+# The cell options the kernel reads (any value) and those it hard-codes: tanh is
+# 2 sigma(2x) - 1 in _one_sigmoid_form and tf.tanh in _gates / _gate_grads.
+_KERNEL_READS = ("units", "proj_units", "forget_bias")
+_KERNEL_HARD_CODES = {"activation": "tanh"}
+
+
+def check_kernel_supports(cell: LSTMPCell) -> None:
+    """Refuse, in one ValueError line, a cell option the wavefront kernel does not implement
+    (one the reference was extended with): such a cell runs only with --lstmp reference."""
+    options = {key: value for key, value in cell.get_config().items()
+               if key not in keras.layers.Layer.get_config(cell)}
+    unknown = sorted(set(options) - set(_KERNEL_READS) - set(_KERNEL_HARD_CODES))
+    if unknown:
+        raise ValueError(f"--lstmp kernel does not implement the LSTMP cell option(s) "
+                         f"{', '.join(unknown)}; use --lstmp reference")
+    for key, value in _KERNEL_HARD_CODES.items():
+        if options[key] != value:
+            raise ValueError(f"--lstmp kernel implements only {key}={value!r}, not "
+                             f"{options[key]!r}; use --lstmp reference")
+
 
 class LSTMP(keras.layers.Layer):
-    """One LSTMP layer's weights; the encoder runs all layers together (_stack_forward)."""
+    """One LSTMP layer: its cell's weights, which the kernel runs for all layers together
+    (_stack_forward), and the reference path over time (keras.layers.RNN of the cell)."""
 
     def __init__(self, units: int, proj_units: int, **kwargs):
         super().__init__(**kwargs)
         self.cell = LSTMPCell(units, proj_units)
-        self.matmul_dtype = tf.float32
+        self.supports_masking = True
+        # All outputs: the layer above reads them, the encoder the top layer's last one.
+        self.rnn = keras.layers.RNN(self.cell, return_sequences=True)
 
     def build(self, input_shape) -> None:
         self.cell.build(input_shape)
+
+    def call(self, sequences: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+        """The reference path: outputs h_t [B,T,P]. A masked frame keeps the previous frame's
+        state and output (keras.layers.RNN), so h at T-1 is that of the row's last real frame."""
+        return self.rnn(sequences, mask=mask)
 
     def stack_weights(self) -> list[tf.Tensor]:
         """kernel, bias, projection in _one_sigmoid_form, matmul operands in matmul_dtype."""
         cell = self.cell
         kernel, bias = _one_sigmoid_form(tf.convert_to_tensor(cell.kernel),
                                          tf.convert_to_tensor(cell.bias), cell.forget_bias)
-        return [tf.cast(kernel, self.matmul_dtype), bias,
-                tf.cast(tf.convert_to_tensor(cell.projection), self.matmul_dtype)]
+        return [tf.cast(kernel, cell.matmul_dtype), bias,
+                tf.cast(tf.convert_to_tensor(cell.projection), cell.matmul_dtype)]
 
 
 def _one_sigmoid_form(kernel, bias, forget_bias):
@@ -372,20 +425,30 @@ def _train_stack(frames, weights):
     return run(frames, *[w for layer in weights for w in layer])
 
 
+LSTMP_PATHS = ("kernel", "reference")
+
+
 class SpeakerEncoder(keras.Model):
     """Log-mel frames [B,T,n_mels] -> d-vectors [B,proj]: stacked LSTMP, last frame, L2-normalised.
 
     precision "bf16" runs the matmuls with bfloat16 operands (float32 results); variables, cell
-    state, activations and everything downstream stay float32.
+    state, activations and everything downstream stay float32. lstmp "kernel" runs the
+    wavefront kernel with hand-written BPTT, "reference" LSTMPCell.call under keras.layers.RNN
+    and autodiff: the same variables, so checkpoints serve both.
     """
 
     def __init__(self, hidden: int, proj: int, num_layer: int, precision: str = "fp32",
-                 **kwargs):
+                 lstmp: str = "kernel", **kwargs):
         super().__init__(**kwargs)
+        if lstmp not in LSTMP_PATHS:
+            raise ValueError(f"--lstmp: expected 'kernel' or 'reference', got {lstmp!r}")
+        self.lstmp = lstmp
         self.rnns = [LSTMP(hidden, proj) for _ in range(num_layer)]
         dtype = matmul_dtype(precision)
         for rnn in self.rnns:
-            rnn.matmul_dtype = dtype
+            rnn.cell.matmul_dtype = dtype
+            if lstmp == "kernel":
+                check_kernel_supports(rnn.cell)
         self.supports_masking = True
 
     def build(self, input_shape) -> None:
@@ -398,13 +461,20 @@ class SpeakerEncoder(keras.Model):
     def call(self, features, mask=None, training=False):
         """mask [B,T] (True = real frame, padding at the end): the d-vector of each row is taken
         at its last real frame, as if the row had not been padded."""
-        frames = tf.transpose(features, [1, 0, 2])
-        weights = [rnn.stack_weights() for rnn in self.rnns]
-        if mask is None and training:
-            top = _train_stack(frames, weights)
+        if self.lstmp == "reference":
+            outputs = features
+            for rnn in self.rnns:
+                outputs = rnn(outputs, mask=mask)
+            # The network's output is the top layer's output at the last frame (GE2E sec. 2.1).
+            top = outputs[:, -1]
         else:
-            mask = None if mask is None else tf.transpose(mask)[:, :, None]
-            top = _stack_forward(frames, weights, mask)[0]
+            frames = tf.transpose(features, [1, 0, 2])
+            weights = [rnn.stack_weights() for rnn in self.rnns]
+            if mask is None and training:
+                top = _train_stack(frames, weights)
+            else:
+                mask = None if mask is None else tf.transpose(mask)[:, :, None]
+                top = _stack_forward(frames, weights, mask)[0]
         return tf.math.l2_normalize(top, axis=-1, epsilon=1e-12)
 
 
@@ -422,7 +492,8 @@ class GE2EScale(keras.layers.Layer):
 def build_model(config: argparse.Namespace) -> tuple[SpeakerEncoder, GE2EScale]:
     """The encoder and the GE2E scale, built (weights created) for config's feature size."""
     encoder = SpeakerEncoder(config.hidden, config.proj, config.num_layer,
-                             getattr(config, "precision", "fp32"))
+                             getattr(config, "precision", "fp32"),
+                             getattr(config, "lstmp", "kernel"))
     encoder(tf.zeros((1, 2, config.n_mels)))
     scale = GE2EScale()
     scale.build()

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real corpora beside the checkout, and quiet TensorFlow."""
+"""Shared fixtures: the real corpora beside the checkout, quiet TensorFlow, the `slow` marker."""
 
 import os
 import sys
@@ -10,6 +10,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    """Register `slow`: `pytest -m "not slow" tests` is the quick run, plain `pytest tests` all."""
+    config.addinivalue_line("markers", "slow: several seconds or more (training, real corpora, "
+                            "subprocesses); deselect with -m \"not slow\"")
 
 
 @pytest.fixture(scope="session")

@@ -289,6 +289,10 @@ def test_speakers_with_fewer_than_m_utterances_still_train(tmp_path_factory, tmp
 def test_missing_features(tmp_path, capsys):
     flags = ["--train_path", str(tmp_path / "none"), "--model_path", str(tmp_path / "m")] + TINY
     assert main.main(flags) == 2
+    assert f"--train_path {tmp_path / 'none'}: no such folder (run python data_preprocess.py" in (
+        one_line_error(capsys.readouterr().err))
+    (tmp_path / "none").mkdir()
+    assert main.main(flags) == 2
     assert "manifest.json not found; run python data_preprocess.py" in one_line_error(
         capsys.readouterr().err)
 

@@ -14,6 +14,7 @@ import soundfile as sf
 from conftest import SHARED_DATA
 from robust_corpus import speech_like
 
+import corpora
 import data_preprocess
 import features
 
@@ -62,15 +63,15 @@ def build_commonvoice(root: Path) -> dict:
 
 
 def test_speaker_names_are_short_unique_and_safe():
-    assert data_preprocess.speaker_names([A, B]) == {A: A[:16], B: B[:16]}
-    assert data_preprocess.speaker_names([A, C, D]) == {A: A[:21], C: C[:21], D: D[:21]}
-    odd = data_preprocess.speaker_names(["../x y", "abc"])
+    assert corpora.speaker_names([A, B]) == {A: A[:16], B: B[:16]}
+    assert corpora.speaker_names([A, C, D]) == {A: A[:21], C: C[:21], D: D[:21]}
+    odd = corpora.speaker_names(["../x y", "abc"])
     assert odd == {"abc": "abc", "../x y": hashlib.sha1(b"../x y").hexdigest()[:16]}
 
 
 def test_reader_finds_speakers_across_languages_and_counts_bad_rows(tmp_path):
     expected = build_commonvoice(tmp_path / "cv")
-    corpus = data_preprocess.find_corpus(tmp_path / "cv")
+    corpus = corpora.find_corpus(tmp_path / "cv")
     by_speaker = {}
     for path, (client, _) in expected["clips"].items():
         by_speaker.setdefault(client[:21], []).append(path)
@@ -84,7 +85,7 @@ def test_reader_finds_speakers_across_languages_and_counts_bad_rows(tmp_path):
     assert reasons[0].startswith("aa/validated.tsv line 4: 3 tab-separated columns")
     assert reasons[1] == "aa/validated.tsv line 6: empty client_id"
     # One release folder alone: the same rows, paths relative to it.
-    single = data_preprocess.find_corpus(tmp_path / "cv" / "bb")
+    single = corpora.find_corpus(tmp_path / "cv" / "bb")
     assert sorted(p for paths in single.tree.values() for p in paths) == sorted(
         p[3:] for p in corpus.languages if p.startswith("bb/"))
     assert set(single.languages.values()) == {"bb"}
@@ -152,7 +153,7 @@ def commonvoice() -> Path:
 def test_real_commonvoice_sample_is_read_as_its_manifest_says(commonvoice):
     with open(commonvoice / "manifest.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    corpus = data_preprocess.find_corpus(commonvoice)
+    corpus = corpora.find_corpus(commonvoice)
     assert len(corpus.tree) == 350 and len(rows) == 1620 and not corpus.skipped
     assert {p: s for s, paths in corpus.tree.items() for p in paths} == {
         row["path"]: row["speaker"] for row in rows}

@@ -150,10 +150,10 @@ import data_preprocess
 child = os.fork()
 if child == 0:
     data_preprocess._die_with_parent()
-    os.write(1, b"armed\n")  # one write each: the two processes share the pipe
+    os.write(1, b"armed\\n")  # one write each: the two processes share the pipe
     time.sleep(120)
     os._exit(0)
-os.write(1, f"{child}\n".encode())
+os.write(1, f"{child}\\n".encode())
 time.sleep(120)
 """
 

@@ -213,3 +213,32 @@ def test_quick_start_leaves_the_checkout_clean(tmp_path):
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=clone,
                             capture_output=True, text=True, check=True).stdout
     assert status == "", status
+
+
+def test_shipped_cohort_gives_the_as_norm_of_the_training_speakers(tiny_tisv, tmp_path, capsys):
+    """--cohort ships the training speakers' models beside the model; a test without --train_path
+    then normalises with them exactly as with --train_path; other weights' cohort is refused."""
+    model_path = tmp_path / "model"
+    shutil.copytree(_flag(tiny_tisv, "--model_path"), model_path)
+    train_path = _flag(tiny_tisv, "--train_path")
+    without = [f for i, f in enumerate(tiny_tisv)
+               if "--train_path" not in tiny_tisv[max(i - 1, 0):i + 1]]
+    flags = without + ["--model_path", str(model_path)]
+    assert main.main(flags + ["--cohort", "--train_path", train_path]) == 0
+    assert "AS-norm cohort: 19 speaker models" in capsys.readouterr().out
+    with np.load(model_path / "cohort.npz", allow_pickle=False) as saved:
+        assert saved["speaker_models"].shape == (19, 8)
+    shipped, given = tmp_path / "shipped", tmp_path / "given"
+    assert main.main(flags + ["--train", "False", "--results_path", str(shipped)]) == 0
+    assert main.main(flags + ["--train", "False", "--results_path", str(given), "--train_path",
+                              train_path]) == 0
+    records = [utils.read_json(folder / "evaluation.json", "record") for folder in (shipped, given)]
+    assert records[0]["cohort"] == records[1]["cohort"] == 19
+    assert records[0]["as_norm"]["eer"] == pytest.approx(records[1]["as_norm"]["eer"], abs=1e-9)
+
+    with np.load(model_path / "cohort.npz", allow_pickle=False) as saved:
+        np.savez(model_path / "cohort.npz", speaker_models=saved["speaker_models"],
+                 speakers=saved["speakers"], model=np.array("0" * 16))
+    capsys.readouterr()
+    assert main.main(flags + ["--train", "False", "--results_path", str(shipped)]) == 2
+    assert "cohort.npz was made with other weights" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""Deployment benchmark: each --export format's size, single-window latency on one CPU thread and
-the float32-vs-int8 TFLite EER on all utterance pairs of a test split.
+"""Deployment benchmark: each --export format's size, one-thread latency per window and per
+whole file, and the EER of all utterance pairs of a test split in each format.
 
     python tests/benchmarks/bench_deploy.py --model_path M --test_path T [--audio_path A]
         [--out Results/deploy/bench_deploy.json] [--rounds 200]
@@ -7,15 +7,18 @@ the float32-vs-int8 TFLite EER on all utterance pairs of a test split.
 Exports the model of --model_path as a SavedModel, a float32 TFLite and an int8 TFLite model
 (into a temporary folder), then measures
   1. file size of each format (the SavedModel folder's files summed),
-  2. median latency of one window (the TFLite input: --window_frames frames of waveform; TD-SV:
-     its buffer) on one thread, the formats called in turn so that a slow spell of a shared
-     machine hits all alike: in-process (features.py front end + model.make_embedder, the path
-     of --verify), the in-process embedder alone (log-mel given), the SavedModel, TFLite float32
-     and TFLite int8,
-  3. the EER of all utterance pairs of the test split (its recordings, read from the manifest's
-     source folder or --audio_path) with the in-process d-vectors and with the TFLite models'
-     whole-recording recipe (export.tflite_utterance_d_vector; TD-SV: one buffer per recording),
-and writes the JSON with the CPU model (lscpu) and the library versions.
+  2. median latency of one window (the TFLite `serving_default` input: --window_frames frames of
+     waveform; TD-SV: its buffer) on one thread, the formats called in turn so that a slow spell
+     of a shared machine hits all alike: in-process (features.py front end +
+     model.make_embedder, the path of --verify), the in-process embedder alone (log-mel given),
+     the SavedModel, TFLite float32 and TFLite int8,
+  3. per whole file of the test split (its recordings, read from the manifest's source folder or
+     --audio_path; decoding not timed), the latency of waveform -> d-vector in each format, the
+     formats called in turn on each file: in-process, the SavedModel, and the TFLite
+     `utterance` signature (float32 and int8),
+  4. the EER of all utterance pairs with each format's whole-file d-vectors, and their distance
+     to the in-process ones,
+and writes the JSON with the CPU (lscpu, /proc/cpuinfo), the load average and library versions.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 
-from bench_speed import interleaved_ms  # noqa: E402
+from bench_speed import cpu_description, interleaved_ms, load  # noqa: E402
 
 import configuration  # noqa: E402
 import evaluation  # noqa: E402
@@ -99,6 +102,86 @@ def pairs_eer(d_vectors: dict[str, np.ndarray], names: dict[str, list[str]]) -> 
             "targets": result["targets"]}
 
 
+def relative(path: str | os.PathLike) -> str:
+    """A path relative to the working directory even outside it ("../x"), so that the record
+    does not name the machine it ran on."""
+    return os.path.relpath(Path(path).resolve(), Path.cwd().resolve())
+
+
+def window_latency(config, embed, serve, runners: dict, wav: np.ndarray, length: int,
+                   rounds: int) -> dict:
+    """Median ms of one window (the start of wav) in each format, called in turn."""
+    window = np.pad(wav[:length], (0, max(0, length - len(wav))))
+    n = np.array(min(len(wav), length), np.int32)
+    # The encoder's own input: a full TI-SV window, or the TD-SV phrase.
+    frames = (features.inference_features(window[:n], config) if config.tdsv
+              else features.log_mel(window, config))
+    batch = frames[None, :config.window_frames]
+    calls = {
+        "in_process": lambda: model.utterance_d_vectors(
+            embed, [features.inference_features(window[:n], config)], config.window_frames),
+        "in_process_embedder_only": lambda: embed(batch),
+        "savedmodel": lambda: serve(waveform=tf.constant(window[:n]))["d_vector"].numpy(),
+        **{name: (lambda run=run: run(waveform=window, num_samples=n))
+           for name, run in runners.items()}}
+    return interleaved_ms(calls, rounds, warmup=5, budget=240.0, block=5)
+
+
+def whole_file_calls(config, embed, serve, runners: dict) -> dict:
+    """Each format's waveform -> (d-vector, usable) of a whole recording."""
+    def in_process(wav):
+        try:
+            frames = features.inference_features(wav, config)
+        except features.AudioError:  # too little voiced audio
+            return None, False
+        return model.utterance_d_vectors(embed, [frames], config.window_frames)[0], True
+
+    def savedmodel(wav):
+        try:
+            return serve(waveform=tf.constant(wav))["d_vector"].numpy(), True
+        except tf.errors.InvalidArgumentError:  # its "too little voiced audio" assertion
+            return None, False
+
+    def tflite(run):
+        def call(wav):
+            out = run(waveform=wav)
+            return out["d_vector"], bool(out["usable"])
+        return call
+
+    return {"in_process": in_process, "savedmodel": savedmodel,
+            **{name: tflite(run) for name, run in runners.items()}}
+
+
+def whole_files(calls: dict, waves: dict[str, np.ndarray], sr: int) -> tuple[dict, dict, dict]:
+    """Every file through every format, the formats in turn on each file: the d-vectors, the
+    per-file latency (ms: median, mean) and the files a format found unusable."""
+    ordered = sorted(waves, key=lambda p: len(waves[p]))
+    # Warm-up on short, median and long files: XLA buckets, TFLite tensor resizes, tracing.
+    for path in ordered[:3] + ordered[len(ordered) // 2:len(ordered) // 2 + 3] + ordered[-3:]:
+        for call in calls.values():
+            call(waves[path])
+    vectors = {name: {} for name in calls}
+    seconds = {name: [] for name in calls}
+    unusable = {name: [] for name in calls}
+    for path, wav in waves.items():
+        for name, call in calls.items():
+            start = time.perf_counter()
+            d_vector, usable = call(wav)
+            seconds[name].append(time.perf_counter() - start)
+            if usable:
+                vectors[name][path] = np.asarray(d_vector, np.float32)
+            else:
+                unusable[name].append(relative(path))
+    lengths = np.array([len(w) / sr for w in waves.values()])
+    latency = {name: {"median": 1000.0 * float(np.median(t)), "mean": 1000.0 * float(np.mean(t)),
+                      "ms_per_audio_second": 1000.0 * float(np.sum(t) / lengths.sum())}
+               for name, t in seconds.items()}
+    latency["files"] = {"count": len(waves), "mean_seconds": float(lengths.mean()),
+                        "median_seconds": float(np.median(lengths)),
+                        "min_seconds": float(lengths.min()), "max_seconds": float(lengths.max())}
+    return vectors, latency, unusable
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_path", required=True)
@@ -106,80 +189,72 @@ def main() -> None:
     parser.add_argument("--audio_path", default="",
                         help="the split's recordings (default: its manifest's source folder)")
     parser.add_argument("--out", default=str(ROOT / "Results" / "deploy" / "bench_deploy.json"))
-    parser.add_argument("--rounds", type=int, default=200, help="latency calls per format")
+    parser.add_argument("--rounds", type=int, default=200, help="window latency calls per format")
     args = parser.parse_args()
     argv = ["--model_path", args.model_path, "--test_path", args.test_path]
     config, encoder = model.load_trained(configuration.parse_config(argv))
     length = export.tflite_input_samples(config)
-    started = time.time()
+    started, load_before = time.time(), load()
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as folder, \
             threadpool_limits(limits=1):
         paths = export_all(argv, Path(folder))
         sizes = {name: size_bytes(path) for name, path in paths.items()}
-        runners = {name: export.tflite_runner(paths[name], threads=1)
-                   for name in ("tflite_float32", "tflite_int8")}
+        tflite = ("tflite_float32", "tflite_int8")
+        window_runners = {name: export.tflite_runner(paths[name], 1, "serving_default")
+                          for name in tflite}
+        utterance_runners = {name: export.tflite_runner(paths[name], 1, "utterance")
+                             for name in tflite}
         serve = tf.saved_model.load(str(paths["savedmodel"])).signatures["serving_default"]
         embed = model.make_embedder(encoder, config.n_mels, config.window_frames)
 
         recordings = split_recordings(args.test_path, args.audio_path)
-        first = next(iter(recordings.values()))[0]
-        wav = features.load_audio(first, config.sr)
-        window = np.pad(wav[:length], (0, max(0, length - len(wav))))
-        n = np.array(min(len(wav), length), np.int32)
-        # The encoder's own input: a full TI-SV window, or the TD-SV phrase.
-        frames = (features.inference_features(window[:n], config) if config.tdsv
-                  else features.log_mel(window, config))
-        batch = frames[None, :config.window_frames]
-        calls = {
-            "in_process": lambda: model.utterance_d_vectors(
-                embed, [features.inference_features(window[:n], config)], config.window_frames),
-            "in_process_embedder_only": lambda: embed(batch),
-            "savedmodel": lambda: serve(waveform=tf.constant(window[:n]))["d_vector"].numpy(),
-            "tflite_float32": lambda: runners["tflite_float32"](waveform=window, num_samples=n),
-            "tflite_int8": lambda: runners["tflite_int8"](waveform=window, num_samples=n)}
-        latency = interleaved_ms(calls, args.rounds, warmup=5, budget=240.0, block=5)
-
         names = {s: [str(p) for p in files] for s, files in recordings.items()}
-        paths_all = [Path(p) for files in names.values() for p in files]
-        utterances = features.files_inference_features(paths_all, config)
-        for path, result in zip(paths_all, utterances):
-            if isinstance(result, features.AudioError):
-                raise SystemExit(f"{path}: {result}")
-        in_process = dict(zip(map(str, paths_all), model.utterance_d_vectors(
-            embed, utterances, config.window_frames)))
-        tflite = {name: {} for name in runners}
-        for path in paths_all:
-            wav = features.load_audio(path, config.sr)
-            for name, run in runners.items():
-                if config.tdsv:
-                    out = run(waveform=np.pad(wav[:length], (0, max(0, length - len(wav)))),
-                              num_samples=np.array(min(len(wav), length), np.int32))
-                    tflite[name][str(path)] = out["d_vector"]
-                else:
-                    tflite[name][str(path)] = export.tflite_utterance_d_vector(run, wav, length)
-        eers = {"in_process": pairs_eer(in_process, names),
-                **{name: pairs_eer(vectors, names) for name, vectors in tflite.items()}}
-        cosine = {name: float(np.mean([vectors[p] @ in_process[p] for p in in_process]))
-                  for name, vectors in tflite.items()}
+        waves = {}
+        for path in (p for files in names.values() for p in files):
+            try:
+                waves[path] = features.load_audio(path, config.sr)
+            except features.AudioError as error:
+                raise SystemExit(f"{path}: {error}") from None
+        per_window = window_latency(config, embed, serve, window_runners,
+                                    next(iter(waves.values())), length, args.rounds)
+        vectors, per_file, unusable = whole_files(
+            whole_file_calls(config, embed, serve, utterance_runners), waves, config.sr)
 
+    reference = vectors["in_process"]
+    eers, distance = {}, {}
+    for name, found in vectors.items():
+        if len(found) < len(waves):
+            eers[name] = f"{len(waves) - len(found)} files unusable, no EER"
+            continue
+        eers[name] = pairs_eer(found, names)
+        if name != "in_process":
+            gaps = [float(np.max(np.abs(found[p] - reference[p]))) for p in reference]
+            distance[name] = {"max_abs_difference": max(gaps), "mean_cosine": float(np.mean(
+                [found[p] @ reference[p] for p in reference]))}
+    cpu = cpu_description()
     result = {
-        "cpu": cpu_model(), "threads": 1, "model_path": utils.record_path(args.model_path),
-        "test_path": utils.record_path(args.test_path), "mode": "TD-SV" if config.tdsv
-        else "TI-SV", "network": {"hidden": config.hidden, "proj": config.proj,
-                                  "num_layer": config.num_layer},
+        "cpu": cpu_model(), "cpu_family": cpu["family"], "cpu_model_number": cpu["model_number"],
+        "cpu_flags": cpu["flags"], "threads": 1, "load_average": {"before": load_before,
+                                                                  "after": load()},
+        "model_path": relative(args.model_path), "test_path": relative(args.test_path),
+        "mode": "TD-SV" if config.tdsv else "TI-SV",
+        "network": {"hidden": config.hidden, "proj": config.proj, "num_layer": config.num_layer},
         "window": {"samples": length, "seconds": length / config.sr,
                    "frames": 1 + length // features.hop_samples(config)},
-        "size_bytes": sizes, "latency_ms_median": latency, "latency_rounds": args.rounds,
-        "eer_all_pairs": eers, "mean_cosine_to_in_process": cosine,
-        "utterances": len(paths_all), "speakers": len(names),
+        "size_bytes": sizes, "latency_window_ms_median": per_window,
+        "latency_window_rounds": args.rounds, "latency_file_ms": per_file,
+        "eer_all_pairs": eers, "to_in_process": distance, "unusable": unusable,
+        "tflite_signatures": {"window": "serving_default", "file": "utterance"},
+        "utterances": len(waves), "speakers": len(names),
         "versions": {pkg: importlib.metadata.version(pkg)
                      for pkg in ("tensorflow-cpu", "keras", "ai-edge-litert", "numpy")},
         "seconds": round(time.time() - started, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     utils.atomic_save_json(out, result)
-    print(json.dumps({k: result[k] for k in ("cpu", "size_bytes", "latency_ms_median",
-                                             "eer_all_pairs")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("cpu", "size_bytes", "latency_window_ms_median",
+                                             "latency_file_ms", "eer_all_pairs",
+                                             "to_in_process")}, indent=1))
     print(f"-> {out}")
 
 

@@ -8,6 +8,7 @@ Measures whatever model.py / features.py implement, through their public API:
   2. GE2E training step (N=4,M=5 and N=64,M=10; T=160) in --precision fp32 and bf16: median
      ms/step, utterances/s, GFLOP/s as a fraction of the matching GEMM peak, vs the peer
   3. embedding d-vectors/s at batch 1 and batch 256 (T=160, no grad), both precisions, vs the peer
+  2-3 also time --lstmp reference (fp32; keras.layers.RNN, autodiff) beside the kernel, as a ratio
   4. feature extraction seconds per hour of audio (project path vs the original librosa recipe)
   5. wav -> utterance d-vector, times real time (the path of main.py --embed)
 and writes Results/benchmark_speed.json. The peer (pip install -r tests/benchmarks/requirements.txt)
@@ -210,6 +211,12 @@ def bench_training(config_args, torch, quick: bool, peaks: dict, precisions: lis
             optimizer = model.build_optimizer(config)
             step = model.make_train_step(encoder, scale, optimizer, config)
             fns[precision] = lambda s=step, b=batch: float(s(b)[0])
+        reference_config = configuration.parse_config(
+            config_args + ["--N", str(n), "--M", str(m), "--lstmp", "reference"])
+        encoder, scale = model.build_model(reference_config)
+        step = model.make_train_step(encoder, scale, model.build_optimizer(reference_config),
+                                     reference_config)
+        fns["reference"] = lambda s=step, b=batch: float(s(b)[0])
         if torch is not None:
             fns["peer"] = peer_train_step(torch, config, n, m, x)
         # Training runs steps back to back: a block of short steps keeps each path warm in
@@ -231,6 +238,13 @@ def bench_training(config_args, torch, quick: bool, peaks: dict, precisions: lis
                          f"GFLOP/s = {entry[precision]['fraction_of_peak']:.0%} of {precision} "
                          f"peak", round(ms, 1), timed.get("peer"),
                          timed["peer"] / ms if "peer" in timed else None))
+        entry["reference"] = {"ms_per_step": round(timed["reference"], 1),
+                              "utterances_per_s": round(n * m / timed["reference"] * 1000, 1)}
+        entry["reference_time_vs_kernel"] = round(timed["reference"] / timed["fp32"], 2)
+        rows.append((f"train N={n} M={m} --lstmp reference fp32: ms/step",
+                     round(timed["reference"], 1), None, None))
+        rows.append((f"  reference / kernel step time, N={n} M={m}",
+                     entry["reference_time_vs_kernel"], None, None))
         if "bf16" in entry:
             entry["bf16_speedup_vs_fp32"] = round(timed["fp32"] / timed["bf16"], 2)
             rows.append((f"  bf16 / fp32 speed, N={n} M={m}", entry["bf16_speedup_vs_fp32"],
@@ -249,6 +263,9 @@ def bench_embedding(config_args, torch, quick: bool, precisions: list, rows: lis
         config = configuration.parse_config(config_args + ["--precision", precision])
         encoder, _ = model.build_model(config)
         fns_of[precision] = model.make_embedder(encoder, config.n_mels, config.window_frames)
+    reference_config = configuration.parse_config(config_args + ["--lstmp", "reference"])
+    encoder, _ = model.build_model(reference_config)
+    fns_of["reference"] = model.make_embedder(encoder, config.n_mels, config.window_frames)
     peer = peer_embedder(torch, config) if torch is not None else None
     result["embedding"] = []
     for batch, steps in ((1, 20 if quick else 100), (256, 3 if quick else 10)):
@@ -266,6 +283,9 @@ def bench_embedding(config_args, torch, quick: bool, precisions: list, rows: lis
                          entry[name]["dvectors_per_s"],
                          entry["peer"]["dvectors_per_s"] if "peer" in entry else None,
                          timed["peer"] / timed[name] if "peer" in timed else None))
+        entry["kernel_speedup_vs_reference"] = round(timed["reference"] / timed["fp32"], 2)
+        rows.append((f"  kernel / reference d-vectors/s, batch {batch}",
+                     entry["kernel_speedup_vs_reference"], None, None))
         result["embedding"].append(entry)
 
 
