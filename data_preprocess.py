@@ -41,6 +41,7 @@ NOISE_SECONDS_PER_FILE = 30.0
 SYNTHETIC_PHRASE_PATTERN = r"phrase_\d+\.wav$"
 SPEAKER_SKIPPED = "speaker below --min_utterances"  # the kind of a skipped-speaker entry
 LANGUAGE_TRIALS = "trials_same_language.txt"
+TEXT_TRIALS = "trials_same_text.txt"  # TD corpora (keywords, digits, words): same-text pairs
 COPY_MARK = "#augment"  # an augmented copy's utterance name: <path>#augment<k>
 # Kept under their old names for the callers that reach them through this module.
 find_utterances = corpora.find_utterances
@@ -61,6 +62,7 @@ class SpeakerJob:
     config: argparse.Namespace
     rows: dict[str, str]  # path -> '<tsv>:<line>' it was listed on (Common Voice): in skip entries
     languages: dict[str, str]  # path -> language (Common Voice): kept in the sidecar
+    texts: dict[str, str]  # path -> text, when the corpus knows every one: kept in the sidecar
     augment: dict  # augmentation_settings of the training split, else empty
     babble: list[str]  # other training speakers' utterances: the babble of the copies
 
@@ -123,9 +125,12 @@ def speaker_jobs(split: str, root: str, corpus: corpora.Corpus, tree: dict[str, 
         # Only this speaker's share of the corpus: spawned workers are sent every job.
         rows = {p: corpus.rows[p] for p in paths} if corpus.rows else {}
         languages = {p: corpus.languages[p] for p in paths} if corpus.rows else {}
+        texts = ({p: corpus.texts[p] for p in paths}
+                 if all(p in corpus.texts for p in paths) else {})
         babble = (babble_sources(tree, train_speakers, speaker, config.seed)
                   if augment and not config.noise_path else [])
         jobs += [SpeakerJob(split, root, speaker, speed, paths, out_dir, config, rows, languages,
+                            texts,
                             augment, babble) for speed in speeds]
     return jobs
 
@@ -228,6 +233,7 @@ def _process_speaker(job: SpeakerJob) -> tuple[str, bool, list[dict]]:
         "settings": settings, "paths": paths, "utterances": kept, "skipped": skipped,
         "lengths": [len(a) for a in arrays],
         **({"languages": [job.languages[p] for p in sources]} if job.languages else {}),
+        **({"texts": [job.texts[p] for p in sources]} if job.texts else {}),
         **({"augmented": recipes} if copies else {}),
         **({"phrase_frames": spans} if config.tdsv else {})})
     return speaker, usable, skipped
@@ -391,32 +397,41 @@ def merge_shards(out_dir: str | Path) -> dict:
             manifest["noise_seconds"] = shard["noise_seconds"]
     utils.atomic_save_json(out_dir / "manifest.json", manifest)
     if manifest["split"] == "test":
-        write_language_trials(out_dir, manifest["speakers"])
+        write_trial_lists(out_dir, manifest["speakers"])
     return manifest
 
 
-def write_language_trials(out_dir: Path, speakers: list[str]) -> None:
-    """Common Voice: every pair of the test split's utterances in one language, as a VoxCeleb
-    trial list (`1|0 enrol test`, paths relative to --audio_path) in out_dir; else nothing."""
-    by_language: dict[str, list[tuple[str, str]]] = {}
+def write_group_trials(out_dir: Path, speakers: list[str], key: str, name: str) -> None:
+    """Every pair of the test split's utterances that share a language (Common Voice) or a text
+    (keywords, digits, words), as a VoxCeleb trial list (`1|0 enrol test`, paths relative to
+    --audio_path) in out_dir; nothing when the sidecars do not record `key`."""
+    groups: dict[str, list[tuple[str, str]]] = {}
     for speaker in speakers:
         done = configuration.load_config(out_dir / f"{speaker}.json")
-        if "languages" not in done:
+        if key not in done:
             return
-        for path, language in zip(done["utterances"], done["languages"]):
-            by_language.setdefault(language, []).append((path, speaker))
+        for path, group in zip(done["utterances"], done[key]):
+            groups.setdefault(group, []).append((path, speaker))
     lines = []
-    for language in sorted(by_language):
-        found = sorted(by_language[language])
+    for group in sorted(groups):
+        found = sorted(groups[group])
         lines += [f"{int(a[1] == b[1])} {a[0]} {b[0]}"
                   for i, a in enumerate(found) for b in found[i + 1:]]
-    trials = out_dir / LANGUAGE_TRIALS
+    if not any(line.startswith("1") for line in lines):
+        return  # no text is said twice by one speaker: not a text-dependent corpus
+    trials = out_dir / name
     tmp = trials.with_name(f"{trials.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     os.replace(tmp, trials)
     targets = sum(line.startswith("1") for line in lines)
-    print(f"test: {len(lines)} same-language trials ({targets} target) of "
-          f"{len(by_language)} languages written to {trials}")
+    print(f"test: {len(lines)} same-{key[:-1]} trials ({targets} target) of {len(groups)} "
+          f"{key} written to {trials}")
+
+
+def write_trial_lists(out_dir: Path, speakers: list[str]) -> None:
+    """The test split's same-language and same-text trial lists, where the corpus has them."""
+    write_group_trials(out_dir, speakers, "languages", LANGUAGE_TRIALS)
+    write_group_trials(out_dir, speakers, "texts", TEXT_TRIALS)
 
 
 def _remove_leftovers(out_dir: Path, speakers: list[str], sharded: bool) -> None:
@@ -562,7 +577,7 @@ def _write_manifest(split: Split, usable: list[str], skipped: list[dict], corpus
     if sharded:
         return _merge_if_complete(out_dir, config.num_shards)
     if split.name == "test":
-        write_language_trials(out_dir, manifest["speakers"])
+        write_trial_lists(out_dir, manifest["speakers"])
     return manifest
 
 

@@ -42,7 +42,10 @@ def operating_threshold(model_path: Path, fingerprint: str, ensemble: bool = Fal
     if not path.is_file():
         return None, f"{path} does not exist: the model has not been tested (main.py --train False)"
     saved = utils.read_json(path, "a test's evaluation record")
-    _check_weights(saved, path, fingerprint, ensemble)
+    try:
+        _check_weights(saved, path, fingerprint, ensemble)
+    except ValueError as error:
+        return None, str(error)  # enrolling or an explicit --threshold still work
     # Earlier versions let a --trials run overwrite the model's threshold with that list's; only
     # the similarity-matrix test of the test split records eer_mean.
     if "eer_mean" not in saved or not isinstance(saved.get("threshold"), (int, float)):

@@ -116,6 +116,7 @@ def matrix(tmp_path_factory):
             "skipped": {e["path"]: e for m in manifests for e in m["skipped"]}}
 
 
+@pytest.mark.slow
 def test_preprocessing_with_bad_files_succeeds(matrix):
     assert matrix["result"].returncode == 0, matrix["result"].stderr
     usable = {s for m in matrix["manifests"] for s in m["speakers"]}
@@ -123,11 +124,13 @@ def test_preprocessing_with_bad_files_succeeds(matrix):
 
 
 @pytest.mark.parametrize("name, kind", sorted(BAD_FILES.items()))
+@pytest.mark.slow
 def test_bad_file_skipped_with_reason(matrix, name, kind):
     entry = matrix["skipped"][f"mixed/{name}"]
     assert entry["kind"] == kind and entry["reason"]
 
 
+@pytest.mark.slow
 def test_good_formats_kept(matrix):
     root = matrix["root"]
     sidecar = next(root / split / "mixed.json" for split in ("train", "test")
@@ -136,6 +139,7 @@ def test_good_formats_kept(matrix):
     assert sorted(kept) == sorted(f"mixed/{name}" for name in GOOD_FILES)
 
 
+@pytest.mark.slow
 def test_speaker_below_min_utterances_skipped(matrix):
     entry = matrix["skipped"]["sparse"]
     assert entry["kind"] == data_preprocess.SPEAKER_SKIPPED
@@ -143,6 +147,7 @@ def test_speaker_below_min_utterances_skipped(matrix):
     assert matrix["skipped"]["sparse/broken.wav"]["kind"] == "unreadable"
 
 
+@pytest.mark.slow
 def test_summary_line_counts_reasons(matrix):
     out = matrix["result"].stdout
     lines = [line for line in out.splitlines() if line.startswith(("train:", "test:"))]

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 from robust_corpus import preprocessed
 
@@ -22,6 +23,7 @@ def _run(flags: list[str], **env: str) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_train_and_test_print_no_tensorflow_startup_lines(tmp_path_factory, tmp_path):
     flags = preprocessed(tmp_path_factory) + ["--model_path", str(tmp_path / "model"),
                                               "--results_path", str(tmp_path / "results")]

@@ -137,3 +137,22 @@ def test_real_speech_commands_is_read_as_its_manifest_says(shared_data):
     assert len({u.text for u in corpus.utterances}) == 35 and corpus.noise == ""
     assert {u.path: (u.speaker, u.text) for u in corpus.utterances} == {
         row["path"]: (row["speaker"], row["text_if_known"]) for row in rows}
+
+
+def test_test_split_of_a_keyword_corpus_gets_every_same_word_pair(tmp_path):
+    """trials_same_text.txt: every pair of test clips of one word, target when one speaker says
+    both; counted by hand from the tree."""
+    root = tmp_path / "sc"
+    found = build_speechcommands(root)
+    test = tmp_path / "test"
+    assert data_preprocess.main([
+        "--audio_path", str(root), "--train_path", str(tmp_path / "train"), "--test_path",
+        str(test), "--test_ratio", "0.5", "--min_frames", "10", "--min_utterances", "1"]) == 0
+    speakers = json.loads((test / "manifest.json").read_text())["speakers"]
+    kept = {p: found[p] for s in speakers
+            for p in json.loads((test / f"{s}.json").read_text())["utterances"]}
+    expected = {(int(kept[a][0] == kept[b][0]), a, b) for a in kept for b in kept
+                if a < b and kept[a][1] == kept[b][1]}
+    lines = (test / data_preprocess.TEXT_TRIALS).read_text().splitlines()
+    assert {(int(label), a, b) for label, a, b in map(str.split, lines)} == expected
+    assert len(lines) == len(expected) and any(label for label, _, _ in expected)

@@ -17,6 +17,7 @@ def _flag(flags, name):
 @pytest.mark.parametrize("frames", [["--tisv_frame_min", "10", "--tisv_frame", "12"],
                                     ["--tisv_frame_min", "900", "--tisv_frame", "1000"]],
                          ids=["shorter than every utterance", "longer than every utterance"])
+@pytest.mark.slow
 def test_batches_are_speaker_major_and_seeded_by_step(tiny_tisv, frames):
     config = configuration.parse_config(tiny_tisv + ["--N", "3", "--M", "4"] + frames)
     store = dataset.open_store(config.train_path, config, "train")

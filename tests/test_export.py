@@ -119,6 +119,7 @@ def test_tf_windows_match_window_starts(n_frames):
         np.testing.assert_array_equal(window[:, 0], frames[start:start + 160, 0])
 
 
+@pytest.mark.slow
 def test_savedmodel_in_fresh_process_matches_in_process(tiny_tisv, tmp_path):
     out = tmp_path / "exported"
     assert main.main(tiny_tisv + ["--export", str(out), "--threshold", "0.3"]) == 0
@@ -181,6 +182,7 @@ def _window_reference(embed, wav: np.ndarray, config) -> np.ndarray | None:
     return model.utterance_d_vectors(embed, [frames], config.window_frames)[0]
 
 
+@pytest.mark.slow
 def test_tflite_tisv_window_matches_in_process(tiny_tisv, tisv_tflite, litert):
     tmp_path = tisv_tflite
     config, encoder = model.load_trained(configuration.parse_config(tiny_tisv))
@@ -243,6 +245,7 @@ def test_tflite_utterance_signature_matches_in_process(tiny_tisv, tisv_tflite, l
     assert set(metadata["signatures"]) == {"serving_default", "utterance"}
 
 
+@pytest.mark.slow
 def test_tflite_tdsv_matches_in_process_on_real_recordings(tiny_tdsv, dsp_files, litert,
                                                            tmp_path, capsys):
     assert main.main(tiny_tdsv + ["--train", "False"]) == 0

@@ -123,6 +123,7 @@ def checkpoint_values(path: str) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("optim", ["adam"])
+@pytest.mark.slow
 def test_kill_9_during_training_then_restore(tmp_path_factory, tmp_path, optim):
     flags = preprocessed(tmp_path_factory) + ["--optim", optim, "--lr", "3e-3",
                                               "--save_every", "10", "--lr_decay_every", "15"]

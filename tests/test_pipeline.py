@@ -25,6 +25,7 @@ def paths(tmp_path, name):
 
 
 @pytest.mark.parametrize("mode", ["tisv", "tdsv"])
+@pytest.mark.slow
 def test_embedded_corpus_end_to_end(tmp_path, capsys, mode):
     flags = paths(tmp_path, mode) + SMALL + ["--tdsv", str(mode == "tdsv")]
     assert data_preprocess.main(flags) == 0
@@ -53,6 +54,7 @@ def test_embedded_corpus_end_to_end(tmp_path, capsys, mode):
     assert list((tmp_path / mode / "results").glob("similarity_matrix_*.png"))
 
 
+@pytest.mark.slow
 def test_test_refuses_conflicting_shape_flag(tmp_path, capsys):
     flags = paths(tmp_path, "tisv") + SMALL
     assert data_preprocess.main(flags) == 0
@@ -66,6 +68,7 @@ def test_test_refuses_conflicting_shape_flag(tmp_path, capsys):
     assert main.main(paths(tmp_path, "tisv") + ["--train", "False", "--draws", "1"]) == 0
 
 
+@pytest.mark.slow
 def test_restore_resumes_at_saved_step(tmp_path):
     flags = paths(tmp_path, "tisv") + SMALL
     assert data_preprocess.main(flags) == 0

@@ -232,6 +232,7 @@ def assert_same_training(a: dict, b: dict, ckpt_a: Path, ckpt_b: Path) -> None:
                                    err_msg=name)
 
 
+@pytest.mark.slow
 def test_two_workers_on_loopback_train_like_one_process(tmp_path_factory, tmp_path):
     flags = preprocessed(tmp_path_factory) + DISTRIBUTED
     single = run_workers(tmp_path, flags + ["--model_path", str(tmp_path / "single"),
@@ -252,6 +253,7 @@ def test_two_workers_on_loopback_train_like_one_process(tmp_path_factory, tmp_pa
                          two / "checkpoints" / "ckpt-6")
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_devices_trains_like_one(tmp_path_factory, tmp_path):
     flags = preprocessed(tmp_path_factory) + DISTRIBUTED + ["--iteration", "3",
                                                             "--save_every", "3"]
