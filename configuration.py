@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="TI-SV: longest training partial utterance (frames)")
     features.add_argument("--tisv_frame_min", type=_positive_int, default=140,
                           help="TI-SV: shortest training partial utterance (frames)")
-    features.add_argument("--min_frames", type=_positive_int, default=40,
-                          help="utterances with fewer voiced frames are skipped")
+    features.add_argument("--min_frames", type=_positive_int, default=20,
+                          help="utterances with fewer voiced frames (0.2 s at the default hop) "
+                               "are skipped; TD-SV: phrases shorter than a quarter of this")
     features.add_argument("--window_frames", type=_positive_int, default=160,
                           help="inference: sliding-window length (frames), 50%% overlap")
 

@@ -117,12 +117,14 @@ stages() {
 # preprocess_four_corpora DIR: each corpus's seeded split (--test_ratio 0.2, --seed 0) into
 # DIR/<corpus>/{train_aug,test}; the training speakers of all but fsdd also at 0.9x / 1.1x speed
 # as new speakers, and every training utterance twice more in a simulated room with noise.
-# fsdd keeps its 8 kHz clips of single digits with --min_frames 20 and is not sped up.
+# These recipes keep utterances of at least 40 voiced frames (0.4 s); fsdd keeps its 8 kHz
+# clips of single digits with --min_frames 20 and is not sped up.
 preprocess_four_corpora() {
   local dir=$1 corpus
   for corpus in speechocean762 commonvoice dspspeech20; do
     preprocess --audio_path "$DATA/$corpus" --train_path "$dir/$corpus/train_aug" \
-      --test_path "$dir/$corpus/test" --workers "$WORKERS" --speed_perturb 0.9 1.1 --augment 2
+      --test_path "$dir/$corpus/test" --workers "$WORKERS" --speed_perturb 0.9 1.1 --augment 2 \
+      --min_frames 40
   done
   preprocess --audio_path "$DATA/fsdd" --train_path "$dir/fsdd/train_aug" \
     --test_path "$dir/fsdd/test" --workers "$WORKERS" --min_frames 20 --augment 2

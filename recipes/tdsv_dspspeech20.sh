@@ -39,20 +39,20 @@ stage_preprocess() {
   local k f
   # Every speechocean762 file is one "phrase" of its speaker (--tdsv_pattern .): the
   # out-of-domain source.
-  preprocess --tdsv True --tdsv_frame 140 --tdsv_pattern . --audio_path "$DATA/speechocean762" \
+  preprocess --min_frames 40 --tdsv True --tdsv_frame 140 --tdsv_pattern . --audio_path "$DATA/speechocean762" \
     --train_path "$SO762/train" --test_path "$SO762/test" --workers "$WORKERS"
   for k in $FOLDS; do
     f=$D/fold$k
     # The test phrase; its training split is the AS-norm cohort.
-    preprocess --tdsv True --tdsv_frame 140 --tdsv_phrase speaker \
+    preprocess --min_frames 40 --tdsv True --tdsv_frame 140 --tdsv_phrase speaker \
       --audio_path "$DATA/dspspeech20" --folds 5 --fold "$k" \
       --train_path "$f/phrase_train" --test_path "$f/test" --workers "$WORKERS"
     # The training speakers' six words; the test speakers' copy is not used.
-    preprocess --tdsv True --tdsv_frame 140 --tdsv_pattern . --audio_path "$DATA/dspspeech20" \
+    preprocess --min_frames 40 --tdsv True --tdsv_frame 140 --tdsv_pattern . --audio_path "$DATA/dspspeech20" \
       --folds 5 --fold "$k" --train_path "$f/train_sp" --test_path "$f/all_words_test" \
       --speed_perturb 0.9 1.1 --workers "$WORKERS"
     if [[ $SYSTEM == X ]]; then
-      preprocess --tdsv True --tdsv_frame 140 --tdsv_pattern . \
+      preprocess --min_frames 40 --tdsv True --tdsv_frame 140 --tdsv_pattern . \
         --audio_path "$DATA/dspspeech20" --folds 5 --fold "$k" --train_path "$f/train" \
         --test_path "$f/all_words_test" --workers "$WORKERS"
     fi

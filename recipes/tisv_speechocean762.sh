@@ -17,7 +17,7 @@ PRECISION=${PRECISION:-fp32}
 D=$RUN/data
 
 stage_preprocess() {
-  preprocess --audio_path "$DATA/speechocean762" --train_path "$D/train" --test_path "$D/test" \
+  preprocess --min_frames 40 --audio_path "$DATA/speechocean762" --train_path "$D/train" --test_path "$D/test" \
     --workers "$WORKERS"
 }
 
