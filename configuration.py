@@ -372,11 +372,10 @@ def config_to_dict(config: argparse.Namespace) -> dict:
 
 def save_config(config: argparse.Namespace, path: str | os.PathLike) -> None:
     """Write the config as JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    import utils
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    utils.atomic_write_text(path, json.dumps(config_to_dict(config), indent=2, sort_keys=True))
 
 
 def load_config(path: str | os.PathLike) -> dict:

@@ -291,7 +291,7 @@ def _finished_speaker(sidecar: Path, array: Path, settings: dict, paths: list[st
                       ) -> dict | None:
     """The sidecar of a speaker completed with these settings and files, else None (redo it)."""
     try:
-        done = configuration.load_config(sidecar)
+        done = utils.read_json(sidecar, "a speaker sidecar")
     except ValueError:  # missing, or left unreadable by something other than this program
         return None
     complete = (done.get("settings") == settings and done.get("paths") == paths
@@ -369,7 +369,7 @@ def merge_shards(out_dir: str | Path) -> dict:
     found = sorted(out_dir.glob("manifest.shard-*-of-*.json"))
     if not found:
         raise FileNotFoundError(f"--merge: no manifest.shard-*-of-*.json in {out_dir}")
-    shards = [configuration.load_config(file) for file in found]
+    shards = [utils.read_json(file, "a shard manifest") for file in found]
     num_shards = {shard.get("num_shards") for shard in shards}
     present = {shard.get("shard") for shard in shards}
     if len(num_shards) != 1:
@@ -407,7 +407,7 @@ def write_group_trials(out_dir: Path, speakers: list[str], key: str, name: str) 
     --audio_path) in out_dir; nothing when the sidecars do not record `key`."""
     groups: dict[str, list[tuple[str, str]]] = {}
     for speaker in speakers:
-        done = configuration.load_config(out_dir / f"{speaker}.json")
+        done = utils.read_json(out_dir / f"{speaker}.json", "a speaker sidecar")
         if key not in done:
             return
         for path, group in zip(done["utterances"], done[key]):
@@ -420,9 +420,7 @@ def write_group_trials(out_dir: Path, speakers: list[str], key: str, name: str) 
     if not any(line.startswith("1") for line in lines):
         return  # no text is said twice by one speaker: not a text-dependent corpus
     trials = out_dir / name
-    tmp = trials.with_name(f"{trials.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, trials)
+    utils.atomic_write_text(trials, "".join(line + "\n" for line in lines))
     targets = sum(line.startswith("1") for line in lines)
     print(f"test: {len(lines)} same-{key[:-1]} trials ({targets} target) of {len(groups)} "
           f"{key} written to {trials}")
@@ -594,8 +592,8 @@ def phrase_length_summary(lengths: list[int], tdsv_frame: int) -> dict:
 
 def _written_phrase_lengths(out_dir: Path, speakers: list[str], tdsv_frame: int) -> dict:
     """phrase_length_summary of the phrases written for these speakers (from their sidecars)."""
-    return phrase_length_summary([n for speaker in speakers for n in configuration.load_config(
-        out_dir / f"{speaker}.json").get("phrase_frames", [])], tdsv_frame)
+    return phrase_length_summary([n for speaker in speakers for n in utils.read_json(
+        out_dir / f"{speaker}.json", "a speaker sidecar").get("phrase_frames", [])], tdsv_frame)
 
 
 def _audio_bytes(root: str | Path, paths: list[str]) -> int:

@@ -208,11 +208,10 @@ def write_cohort(config: argparse.Namespace) -> Path:
     store = dataset.open_store(config.train_path, config, "train")
     vectors = embed_store(embed, store, config.window_frames, "cohort")
     path = Path(config.model_path) / COHORT
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, speaker_models=np.stack([utils.speaker_model(v) for v in vectors.values()]),
-             speakers=np.array(list(vectors), dtype=str),
-             model=np.array(model.model_fingerprint(encoder)))
-    tmp.replace(path)
+    utils.atomic_save_npz(path, speaker_models=np.stack([utils.speaker_model(v)
+                                                          for v in vectors.values()]),
+                          speakers=np.array(list(vectors), dtype=str),
+                          model=np.array(model.model_fingerprint(encoder)))
     print(f"AS-norm cohort: {len(vectors)} speaker models of {config.train_path} -> {path}")
     return path
 
@@ -221,9 +220,7 @@ def write_scores(path: Path, trials, scores: np.ndarray) -> None:
     """Score file in the wespeaker/Kaldi convention: `enrol test score target|nontarget`."""
     lines = [f"{enrol} {test} {score:.6f} {'target' if label else 'nontarget'}"
              for (label, enrol, test), score in zip(trials, scores)]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    utils.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def test(config: argparse.Namespace) -> dict:

@@ -267,9 +267,8 @@ def export_tflite(encoder, config: argparse.Namespace, out: Path) -> Path:
         flatbuffer = converter.convert()
     out.mkdir(parents=True, exist_ok=True)
     path = out / tflite_name(config)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(flatbuffer)
-    tmp.replace(path)
+    with utils.atomic_file(path) as handle:
+        handle.write(flatbuffer)
     return path
 
 

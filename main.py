@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import configuration
+import ge2e
 import profiles
 import utils
 
@@ -116,6 +117,10 @@ def check_inputs(config: argparse.Namespace) -> None:
         names, probes = sorted({n for n, _ in pairs}), [p for _, p in pairs]
     else:
         names = [config.verify] if config.verify else []
+    for name in names + ([config.enroll] if config.enroll else []):
+        if not ge2e.PROFILE_NAME.match(name):
+            _fail(f"profile name {name!r}: use letters, digits, '_', '-' or '.', starting with a "
+                  f"letter or digit")
     for name in names:
         if not (Path(config.model_path) / "profiles" / f"{name}.json").is_file():
             _fail(f"no profile {name!r} in {Path(config.model_path) / 'profiles'}; enroll it "
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import evaluation
     import export
-    import model
+    import training
 
     try:
         if config.enroll:
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         elif config.summarize:
             evaluation.summarize(config.summarize)
         elif config.train:
-            model.train(config)
+            training.train(config)
         else:
             evaluation.test(config)
     except (ValueError, OSError, FloatingPointError) as error:

@@ -156,10 +156,9 @@ def embed_folder(config: argparse.Namespace) -> Path:
     names = [f for f in map(str, files) if f in vectors]
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, paths=np.array([Path(n).relative_to(root).as_posix() for n in names], dtype=str),
-             d_vectors=np.stack([vectors[n] for n in names]))
-    tmp.replace(out)
+    utils.atomic_save_npz(out, paths=np.array([Path(n).relative_to(root).as_posix() for n in names],
+                                              dtype=str),
+                          d_vectors=np.stack([vectors[n] for n in names]))
     print(f"{len(names)} d-vectors -> {out}; {len(errors)} file(s) skipped")
     for path, reason in errors.items():
         print(f"  skipped {path}: {reason}")

@@ -8,11 +8,14 @@ one fixed syllable sequence, the TD-SV 'phrase', in files named phrase_NN.wav.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
 import scipy.signal
 import soundfile as sf
+
+import utils
 
 # (F1, F2, F3) in Hz of an average adult vocal tract, for a handful of vowels.
 VOWELS = np.array([[730, 1090, 2440], [270, 2290, 3010], [300, 870, 2240], [530, 1840, 2480],
@@ -79,11 +82,10 @@ def build(root: str | Path, sr: int = 16000, seed: int = 0) -> Path:
             sf.write(root / path, wav, sr, subtype="PCM_16")
             rows.append({"speaker": speaker, "path": path, "seconds": f"{len(wav) / sr:.3f}",
                          "sample_rate": sr, "text_if_known": text})
-    tmp = manifest.with_suffix(".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(manifest)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    utils.atomic_write_text(manifest, table.getvalue())
     print(f"built the synthetic corpus: {SPEAKERS} speakers, {len(rows)} files in {root}")
     return root

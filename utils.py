@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -81,13 +84,33 @@ def as_norm(scores: np.ndarray, enroll_cohort: np.ndarray, test_cohort: np.ndarr
     return 0.5 * (z_e + z_t)
 
 
-def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """np.save to a temp file, then rename, so a killed run never leaves a torn array."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary handle to a temp file beside path that replaces path when the block ends without
+    an error, so a killed run never leaves a torn file; every writer of the project uses it."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers never share it
-    with open(tmp, "wb") as handle:
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path) as handle:
+        handle.write(text.encode("utf-8"))
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    with atomic_file(path) as handle:
         np.save(handle, array, allow_pickle=False)
-    os.replace(tmp, path)
+
+
+def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    with atomic_file(path) as handle:
+        np.savez(handle, **arrays)
 
 
 def record_path(path: str | os.PathLike) -> str:
@@ -101,11 +124,7 @@ def record_path(path: str | os.PathLike) -> str:
 
 
 def atomic_save_json(path: str | os.PathLike, data: dict) -> None:
-    """json.dump to a temp file, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:

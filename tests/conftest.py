@@ -44,7 +44,7 @@ def tiny_tisv(tmp_path_factory) -> list[str]:
     """Flags of a tiny TI-SV model trained for a few steps on the embedded corpus."""
     import configuration
     import data_preprocess
-    import model
+    import training
 
     root = tmp_path_factory.mktemp("tiny")
     flags = ["--synthetic_path", str(root / "synthetic"), "--train_path", str(root / "train"),
@@ -52,5 +52,5 @@ def tiny_tisv(tmp_path_factory) -> list[str]:
              "--results_path", str(root / "results"), "--hidden", "16", "--proj", "8",
              "--N", "4", "--M", "3", "--draws", "2"]
     assert data_preprocess.main(flags) == 0
-    model.train(configuration.parse_config(flags + ["--iteration", "30", "--save_every", "30"]))
+    training.train(configuration.parse_config(flags + ["--iteration", "30", "--save_every", "30"]))
     return flags

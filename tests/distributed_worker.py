@@ -56,9 +56,9 @@ def run(out: str, cpus: int, flags: list[str]) -> None:
             tf.config.list_physical_devices("CPU")[0],
             [tf.config.LogicalDeviceConfiguration() for _ in range(cpus)])
     import configuration
-    import model
+    import training
 
-    summary = model.train(configuration.parse_config(flags))
+    summary = training.train(configuration.parse_config(flags))
     Path(out).write_text(json.dumps({"losses": summary.get("losses", []),
                                      "steps": summary["steps"], "seconds": summary["seconds"]}))
 

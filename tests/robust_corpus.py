@@ -62,11 +62,11 @@ def trained(tmp_path_factory) -> list[str]:
     """Flags of a tiny model trained for 4 steps on preprocessed() (checkpoints at 2 and 4)."""
     if "model" not in _CACHE:
         import configuration
-        import model
+        import training
 
         flags = preprocessed(tmp_path_factory) + [
             "--model_path", str(tmp_path_factory.mktemp("robust_model") / "model")]
-        model.train(configuration.parse_config(flags + ["--iteration", "4", "--save_every", "2"]))
+        training.train(configuration.parse_config(flags + ["--iteration", "4", "--save_every", "2"]))
         _CACHE["model"] = flags
     return list(_CACHE["model"])
 

@@ -18,7 +18,7 @@ import configuration
 import data_preprocess
 import features
 import main
-import model
+import training
 import utils
 
 # file name under the "mixed" speaker -> the kind of skip it must produce
@@ -287,7 +287,7 @@ def test_source_weights_not_matching_the_folders(tmp_path_factory, tmp_path, cap
 
 def test_speakers_with_fewer_than_m_utterances_still_train(tmp_path_factory, tmp_path):
     flags = preprocessed(tmp_path_factory) + ["--model_path", str(tmp_path / "m"), "--M", "6"]
-    summary = model.train(configuration.parse_config(flags + ["--iteration", "2"]))
+    summary = training.train(configuration.parse_config(flags + ["--iteration", "2"]))
     assert summary["steps"] == 2 and np.all(np.isfinite(summary["losses"]))
 
 

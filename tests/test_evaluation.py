@@ -64,13 +64,17 @@ def test_trial_list_run_writes_scores_and_metrics(tiny_tisv, tmp_path, capsys):
 
 
 def test_trial_list_missing_file_is_named(tiny_tisv, tmp_path, capsys):
+    """A missing file drops its trials and is named; a list left without targets is an error."""
     root = Path(tiny_tisv[tiny_tisv.index("--synthetic_path") + 1])
     (tmp_path / "trials.txt").write_text("1 spk00/free_00.wav spk00/nothere.wav\n"
                                          "0 spk00/free_00.wav spk01/free_00.wav\n")
     code = main.main(tiny_tisv + ["--train", "False", "--trials", str(tmp_path / "trials.txt"),
                                   "--audio_path", str(root)])
     assert code == 2
-    assert "spk00/nothere.wav" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "skipped 1 file(s) and the 1 of 2 trials using them: 1 file not found " \
+           "(e.g. spk00/nothere.wav)" in out
+    assert "need both target (1) and nontarget (0)" in err
 
 
 def test_all_pairs_run_writes_every_figure(tiny_tisv, capsys):

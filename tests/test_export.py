@@ -20,6 +20,7 @@ import features
 import ge2e
 import main
 import model
+import training
 import utils
 
 
@@ -60,7 +61,7 @@ def tiny_tdsv(shared_data, tmp_path_factory) -> list[str]:
              "signal", "--test_ratio", "0.4", "--hidden", "16", "--proj", "8", "--N", "3",
              "--M", "3"]
     assert data_preprocess.main(flags) == 0
-    model.train(configuration.parse_config(flags + ["--iteration", "10", "--save_every", "10"]))
+    training.train(configuration.parse_config(flags + ["--iteration", "10", "--save_every", "10"]))
     return flags
 
 

@@ -17,7 +17,7 @@ from robust_corpus import TINY, preprocessed, write_speakers
 import configuration
 import data_preprocess
 import main
-import model
+import training
 
 
 def start(script: str, argv: list[str]) -> subprocess.Popen:
@@ -142,7 +142,7 @@ def test_kill_9_during_training_then_restore(tmp_path_factory, tmp_path, optim):
     assert configuration.load_config(killed / "config.json")["lr"] == 3e-3
 
     straight = tmp_path / "straight"
-    model.train(configuration.parse_config(flags + ["--model_path", str(straight),
+    training.train(configuration.parse_config(flags + ["--model_path", str(straight),
                                                     "--iteration", str(target)]))
     resumed = checkpoint_values(str(killed / "checkpoints" / f"ckpt-{target}"))
     uninterrupted = checkpoint_values(str(straight / "checkpoints" / f"ckpt-{target}"))
@@ -156,8 +156,8 @@ def test_kill_9_during_training_then_restore(tmp_path_factory, tmp_path, optim):
 
 def test_restore_without_a_checkpoint_is_refused(tmp_path_factory, tmp_path, capsys):
     flags = preprocessed(tmp_path_factory) + ["--model_path", str(tmp_path / "m")]
-    model.train(configuration.parse_config(flags + ["--iteration", "1", "--save_every", "5"]))
+    training.train(configuration.parse_config(flags + ["--iteration", "1", "--save_every", "5"]))
     for file in (tmp_path / "m" / "checkpoints").iterdir():
         file.unlink()
     assert main.main(flags + TINY + ["--restore", "True", "--iteration", "3"]) == 2
-    assert "--restore True but" in capsys.readouterr().err
+    assert f"no checkpoint in {tmp_path / 'm' / 'checkpoints'}" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from test_model_math import (
 
 import configuration
 import model
+import training
 
 N, M, T, MELS = 3, 3, 24, 6
 LOSSES = {"softmax": _loop_softmax_loss, "contrast": _loop_contrast_loss}
@@ -131,9 +132,9 @@ def test_checkpoints_are_interchangeable(tmp_path, source, target):
     saved, saved_scale = model.build_model(_config(source))
     _randomise_encoder(saved, rng, scale=0.5)
     saved_scale.w.assign(7.0)
-    path = model._checkpoint(saved, saved_scale).save(str(tmp_path / "ckpt"))
+    path = model.checkpoint_of(saved, saved_scale).save(str(tmp_path / "ckpt"))
     restored, restored_scale = model.build_model(_config(target))
-    model._restore(model._checkpoint(restored, restored_scale), path)
+    model.restore_checkpoint(model.checkpoint_of(restored, restored_scale), path)
     assert restored.lstmp == target and float(restored_scale.w.numpy()) == 7.0
     for a, b in zip(saved.get_weights(), restored.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -152,7 +153,7 @@ def test_training_step_through_the_reference_matches_the_kernel():
                                    ("reference", (reference, reference_scale))):
         config = _config(name)
         before = [v.numpy().copy() for v in encoder.trainable_variables]
-        step = model.make_train_step(encoder, scale, model.build_optimizer(config), config)
+        step = training.make_train_step(encoder, scale, training.build_optimizer(config), config)
         loss, norm = step(features)
         after = [v.numpy() for v in scale.trainable_variables + encoder.trainable_variables]
         assert all(np.max(np.abs(a - b)) > 1e-6

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 import configuration
 import model
+import training
 
 # ----------------------------------------------------------------------------------------------
 # helpers: independent references
@@ -334,8 +335,8 @@ def test_train_step_update():
     _randomise_encoder(encoder, rng, scale=0.5)
     scale.w.assign(w0)
     scale.b.assign(-3.0)
-    optimizer = model.build_optimizer(config)
-    step = model.make_train_step(encoder, scale, optimizer, config)
+    optimizer = training.build_optimizer(config)
+    step = training.make_train_step(encoder, scale, optimizer, config)
     features = tf.constant(rng.normal(0.0, 1.0, (config.N * config.M, 6, config.n_mels)),
                            tf.float32)
 
@@ -490,9 +491,9 @@ def test_bf16_forward_within_bfloat16_rounding_of_the_reference(tmp_path):
     # The bf16 model reads the fp32 model's checkpoint: the variables are the same float32 ones.
     scale = model.GE2EScale()
     scale.build()
-    path = model._checkpoint(fp32, scale).save(str(tmp_path / "ckpt"))
+    path = model.checkpoint_of(fp32, scale).save(str(tmp_path / "ckpt"))
     bf16, bf16_scale = model.build_model(_sized_config("bf16"))
-    model._restore(model._checkpoint(bf16, bf16_scale), path)
+    model.restore_checkpoint(model.checkpoint_of(bf16, bf16_scale), path)
     assert all(v.dtype == "float32" for v in bf16.variables)
     for a, b in zip(fp32.get_weights(), bf16.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -511,8 +512,8 @@ def test_bf16_training_reduces_the_loss():
     keras_seed = 3
     tf.keras.utils.set_random_seed(keras_seed)
     encoder, scale = model.build_model(config)
-    optimizer = model.build_optimizer(config)
-    step = model.make_train_step(encoder, scale, optimizer, config)
+    optimizer = training.build_optimizer(config)
+    step = training.make_train_step(encoder, scale, optimizer, config)
     rng = np.random.default_rng(keras_seed)
     # Each speaker's utterances share a mean, so there is something to learn.
     speakers = rng.normal(0.0, 1.0, (config.N, 1, 1, config.n_mels))

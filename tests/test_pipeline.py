@@ -11,6 +11,7 @@ import data_preprocess
 import features
 import main
 import model
+import training
 
 SMALL = ["--hidden", "32", "--proj", "16", "--N", "4", "--M", "4", "--save_every", "100",
          "--log_every", "20", "--draws", "3"]
@@ -35,7 +36,7 @@ def test_embedded_corpus_end_to_end(tmp_path, capsys, mode):
     config = configuration.parse_config(flags + ["--iteration", "300", "--optim", "adam",
                                                  "--lr", "3e-3", "--beta1", "0.9",
                                                  "--beta2", "0.999"])
-    summary = model.train(config)
+    summary = training.train(config)
     losses = np.asarray(summary["losses"])
     assert len(losses) == 300
     # Chance: every similarity equal, so each utterance's loss (eq. 6) is ln N. A drop relative
@@ -59,7 +60,7 @@ def test_test_refuses_conflicting_shape_flag(tmp_path, capsys):
     flags = paths(tmp_path, "tisv") + SMALL
     assert data_preprocess.main(flags) == 0
     config = configuration.parse_config(flags + ["--iteration", "2"])
-    model.train(config)
+    training.train(config)
     capsys.readouterr()
     assert main.main(flags + ["--train", "False", "--hidden", "64"]) == 2
     err = capsys.readouterr().err
@@ -72,8 +73,8 @@ def test_test_refuses_conflicting_shape_flag(tmp_path, capsys):
 def test_restore_resumes_at_saved_step(tmp_path):
     flags = paths(tmp_path, "tisv") + SMALL
     assert data_preprocess.main(flags) == 0
-    model.train(configuration.parse_config(flags + ["--iteration", "20", "--save_every", "10"]))
-    resumed = model.train(configuration.parse_config(
+    training.train(configuration.parse_config(flags + ["--iteration", "20", "--save_every", "10"]))
+    resumed = training.train(configuration.parse_config(
         flags + ["--iteration", "30", "--save_every", "10", "--restore", "True"]))
     assert resumed["steps"] == 30 and len(resumed["losses"]) == 10
 

@@ -14,7 +14,7 @@ from conftest import REPO, link_subset
 import configuration
 import data_preprocess
 import main
-import model
+import training
 import utils
 
 
@@ -61,7 +61,7 @@ def test_ensemble_test_verify_and_mismatched_member(tiny_tisv, tmp_path, capsys)
     primary, member = tmp_path / "primary", tmp_path / "member"
     shutil.copytree(_flag(tiny_tisv, "--model_path"), primary)
     member_flags = tiny_tisv + ["--model_path", str(member), "--seed", "1"]
-    model.train(configuration.parse_config(member_flags + ["--iteration", "10"]))
+    training.train(configuration.parse_config(member_flags + ["--iteration", "10"]))
     flags = tiny_tisv + ["--model_path", str(primary), "--results_path", str(tmp_path / "r")]
     assert main.main(flags + ["--train", "False", "--ensemble", str(member)]) == 0
     evaluation = json.loads((primary / "evaluation.json").read_text())
@@ -145,7 +145,7 @@ def test_real_speech_cli_flow_on_a_small_trained_model(shared_data, tmp_path, ca
              "--results_path", str(tmp_path / "results"), "--test_ratio", "0.2",
              "--hidden", "64", "--proj", "32", "--N", "8", "--M", "6", "--draws", "2"]
     assert data_preprocess.main(flags) == 0
-    model.train(configuration.parse_config(flags + [
+    training.train(configuration.parse_config(flags + [
         "--iteration", "300", "--optim", "adam", "--lr", "3e-3", "--beta1", "0.9",
         "--beta2", "0.999", "--save_every", "250"]))
     assert main.main(flags + ["--train", "False"]) == 0

@@ -11,6 +11,7 @@ from robust_corpus import trained
 import configuration
 import main
 import model
+import training
 
 
 def _flag(flags: list[str], name: str) -> str:
@@ -31,7 +32,7 @@ def test_init_from_starts_at_the_source_weights_with_a_fresh_optimizer(
     flags = trained(tmp_path_factory)
     source = _flag(flags, "--model_path")
     seen = {}
-    make_train_step = model.make_train_step
+    make_train_step = training.make_train_step
 
     def spy(encoder, scale, optimizer, config, strategy=None):
         # Called once the weights are in place and before the first step.
@@ -39,9 +40,9 @@ def test_init_from_starts_at_the_source_weights_with_a_fresh_optimizer(
         seen["iterations"] = int(optimizer.iterations.numpy())
         return make_train_step(encoder, scale, optimizer, config, strategy)
 
-    monkeypatch.setattr(model, "make_train_step", spy)
+    monkeypatch.setattr(training, "make_train_step", spy)
     target = tmp_path / "warm"
-    summary = model.train(configuration.parse_config(
+    summary = training.train(configuration.parse_config(
         flags + ["--model_path", str(target), "--init_from", source, "--iteration", "3"]))
 
     expected = _reference_weights(flags, source)
@@ -58,7 +59,7 @@ def test_init_from_starts_at_the_source_weights_with_a_fresh_optimizer(
 
     # --restore True resumes the run's own checkpoint: step 3 onwards, --init_from ignored.
     seen.clear()
-    summary = model.train(configuration.parse_config(
+    summary = training.train(configuration.parse_config(
         flags + ["--model_path", str(target), "--init_from", source, "--restore", "True",
                  "--iteration", "4"]))
     assert seen["iterations"] == 3 and summary["steps"] == 4
@@ -95,12 +96,12 @@ def test_a_text_independent_model_may_start_a_text_dependent_run(tmp_path_factor
     td = configuration.parse_config(flags + ["--model_path", str(tmp_path / "td"), "--tdsv",
                                              "True", "--tdsv_frame", "120",
                                              "--init_from", str(source)])
-    assert model.warm_start_checkpoint(td) == tf.train.latest_checkpoint(source / "checkpoints")
+    assert training.warm_start_checkpoint(td) == tf.train.latest_checkpoint(source / "checkpoints")
     other_features = configuration.parse_config(flags + ["--model_path", str(tmp_path / "m"),
                                                          "--n_mels", "32",
                                                          "--init_from", str(source)])
     try:
-        model.warm_start_checkpoint(other_features)
+        training.warm_start_checkpoint(other_features)
     except ValueError as error:
         assert "n_mels=40 differs" in str(error)
     else:

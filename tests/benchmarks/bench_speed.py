@@ -44,6 +44,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 import configuration  # noqa: E402
 import features  # noqa: E402
 import model  # noqa: E402
+import training  # noqa: E402
 
 T = 160
 DATA = ROOT.parent / "shared" / "data" / "speechocean762"
@@ -208,13 +209,13 @@ def bench_training(config_args, torch, quick: bool, peaks: dict, precisions: lis
             config = configuration.parse_config(config_args + ["--N", str(n), "--M", str(m),
                                                                "--precision", precision])
             encoder, scale = model.build_model(config)
-            optimizer = model.build_optimizer(config)
-            step = model.make_train_step(encoder, scale, optimizer, config)
+            optimizer = training.build_optimizer(config)
+            step = training.make_train_step(encoder, scale, optimizer, config)
             fns[precision] = lambda s=step, b=batch: float(s(b)[0])
         reference_config = configuration.parse_config(
             config_args + ["--N", str(n), "--M", str(m), "--lstmp", "reference"])
         encoder, scale = model.build_model(reference_config)
-        step = model.make_train_step(encoder, scale, model.build_optimizer(reference_config),
+        step = training.make_train_step(encoder, scale, training.build_optimizer(reference_config),
                                      reference_config)
         fns["reference"] = lambda s=step, b=batch: float(s(b)[0])
         if torch is not None:

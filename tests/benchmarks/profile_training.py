@@ -30,6 +30,7 @@ import tensorflow as tf  # noqa: E402
 
 import configuration  # noqa: E402
 import model  # noqa: E402
+import training  # noqa: E402
 
 T = 160
 # TF's MatMul is an Eigen contraction whose inner kernel is oneDNN's JIT-compiled sgemm (every
@@ -67,7 +68,7 @@ def profile_step(n: int, m: int, steps: int, scratch: Path) -> tuple[float, Coun
     x = np.random.default_rng(0).standard_normal((n * m, T, config.n_mels)).astype(np.float32)
     features = tf.constant(x)
     encoder, scale = model.build_model(config)
-    step = model.make_train_step(encoder, scale, model.build_optimizer(config), config)
+    step = training.make_train_step(encoder, scale, training.build_optimizer(config), config)
     for _ in range(2):
         float(step(features)[0])
     data = scratch / f"n{n}.data"
