@@ -21,6 +21,7 @@ VARIANTS = {
     "ready_model.sh": [{}, {"MODEL": "pretrained"}],
     "tisv_speechocean762.sh": [{}, {"PRECISION": "bf16"}],
     "leave_one_corpus_out.sh": [{}, {"HOLD_OUT": "commonvoice"}],
+    "keyword_tdsv.sh": [{}, {"CORPUS": "arabic"}],
 }
 
 
@@ -28,7 +29,8 @@ def recipe(script: Path, *args: str, env: dict | None = None, dry: bool = True,
            cwd: Path = REPO) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("RUN", "DATA", "PYTHON", "WORKERS", "ITERATIONS", "FOLDS", "SYSTEM",
-                             "MODEL", "PRECISION", "HOLD_OUT", "PREPROCESSED")}
+                             "MODEL", "PRECISION", "HOLD_OUT", "PREPROCESSED", "CORPUS",
+                             "TDSV_FRAME")}
     full_env.update(env or {})
     if dry:
         full_env["DRY_RUN"] = "1"
