@@ -10,7 +10,8 @@
 # 3.92 % / 3.47 %. Training: 30.9 min, 1.25 GB peak RSS on 2 Zen 5 cores; another CPU rounds
 # differently and lands within a run's spread (about a point; two on dspspeech20).
 #
-# Folders: RUN/data/<corpus>/{train_aug,test}, RUN/model, RUN/results/<corpus>.
+# Folders: RUN/data/<corpus>/{train_aug,train_sp,test}, RUN/model, RUN/results/<corpus>.
+# The cohort stage writes the model's AS-norm cohort (MODEL=pretrained: the shipped one).
 # ITERATIONS=K trains K steps instead of 10,000. MODEL=DIR makes the evaluate stage test
 # another model, e.g. MODEL=pretrained to check the shipped one without training (that test
 # rewrites pretrained/evaluation.json, whose threshold source then names RUN's test split).
@@ -37,4 +38,20 @@ stage_evaluate() {
   done
 }
 
-stages "preprocess train evaluate" "$@"
+# The AS-norm cohort shipped beside the model (cohort.npz): the same training speakers, sped up
+# as in training but without the room copies; fsdd without --augment.
+stage_cohort() {
+  local model=${MODEL:-$RUN/model} corpus folders=()
+  for corpus in speechocean762 commonvoice dspspeech20; do
+    preprocess --audio_path "$DATA/$corpus" --train_path "$D/$corpus/train_sp" \
+      --test_path "$D/cohort_test/$corpus" --workers "$WORKERS" --speed_perturb 0.9 1.1 \
+      --min_frames 40
+    folders+=("$D/$corpus/train_sp")
+  done
+  preprocess --audio_path "$DATA/fsdd" --train_path "$D/fsdd/train" \
+    --test_path "$D/cohort_test/fsdd" --workers "$WORKERS" --min_frames 40
+  folders+=("$D/fsdd/train")
+  run "$PYTHON" main.py --cohort --model_path "$model" --train_path "$(IFS=,; echo "${folders[*]}")"
+}
+
+stages "preprocess train evaluate cohort" "$@"
