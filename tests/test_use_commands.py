@@ -242,3 +242,18 @@ def test_shipped_cohort_gives_the_as_norm_of_the_training_speakers(tiny_tisv, tm
     capsys.readouterr()
     assert main.main(flags + ["--train", "False", "--results_path", str(shipped)]) == 2
     assert "cohort.npz was made with other weights" in capsys.readouterr().err
+
+
+def test_embed_follows_symlinked_speaker_folders(tiny_tisv, tmp_path, capsys):
+    """A tree of symlinked speaker folders (as link_subset builds) is embedded file by file."""
+    root = Path(_flag(tiny_tisv, "--synthetic_path"))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for speaker in ("spk02", "spk03"):
+        (tree / speaker).symlink_to(root / speaker, target_is_directory=True)
+    out = tmp_path / "vectors.npz"
+    assert main.main(tiny_tisv + ["--embed", "--audio_path", str(tree), "--out", str(out)]) == 0
+    expected = sorted(f"{s}/{p.name}" for s in ("spk02", "spk03") for p in (root / s).glob("*.wav"))
+    with np.load(out, allow_pickle=False) as saved:
+        assert list(saved["paths"]) == expected
+    assert f"{len(expected)} d-vectors" in capsys.readouterr().out
