@@ -36,6 +36,7 @@ import corpora
 import features
 import utils
 import workers
+from configuration import Features, Preprocessing
 
 NOISE_SECONDS_PER_FILE = 30.0
 SYNTHETIC_PHRASE_PATTERN = r"phrase_\d+\.wav$"
@@ -59,11 +60,13 @@ class SpeakerJob:
     speed: float
     paths: list[str]  # relative to root, in the corpus's order
     out_dir: Path
-    config: argparse.Namespace
+    front: Features
+    data: Preprocessing
+    noise_path: str  # --noise_path, or the corpus's own noise folder standing in for it
     rows: dict[str, str]  # path -> '<tsv>:<line>' it was listed on (Common Voice): in skip entries
     languages: dict[str, str]  # path -> language (Common Voice): kept in the sidecar
     texts: dict[str, str]  # path -> text, when the corpus knows every one: kept in the sidecar
-    augment: dict  # augmentation_settings of the training split, else empty
+    settings: dict  # the split's feature_settings, with augmentation_settings for training
     babble: list[str]  # other training speakers' utterances: the babble of the copies
 
 
@@ -114,11 +117,11 @@ def split_speakers(speakers: list[str], test_ratio: float, seed: int, folds: int
 
 
 def speaker_jobs(split: str, root: str, corpus: corpora.Corpus, tree: dict[str, list[str]],
-                 speakers: list[str], speeds: list[float], out_dir: Path,
-                 config: argparse.Namespace, augmenting: dict,
+                 speakers: list[str], speeds: list[float], out_dir: Path, front: Features,
+                 data: Preprocessing, noise_path: str, settings: dict,
                  train_speakers: list[str]) -> list[SpeakerJob]:
-    """The jobs of one split's speakers, one per speed; the training split's are augmented."""
-    augment = augmenting if split == "train" else {}
+    """The jobs of one split's speakers, one per speed; settings are the split's (augmented
+    when they have augmentation_settings)."""
     jobs = []
     for speaker in speakers:
         paths = tree[speaker]
@@ -127,11 +130,10 @@ def speaker_jobs(split: str, root: str, corpus: corpora.Corpus, tree: dict[str, 
         languages = {p: corpus.languages[p] for p in paths} if corpus.rows else {}
         texts = ({p: corpus.texts[p] for p in paths}
                  if all(p in corpus.texts for p in paths) else {})
-        babble = (babble_sources(tree, train_speakers, speaker, config.seed)
-                  if augment and not config.noise_path else [])
-        jobs += [SpeakerJob(split, root, speaker, speed, paths, out_dir, config, rows, languages,
-                            texts,
-                            augment, babble) for speed in speeds]
+        babble = (babble_sources(tree, train_speakers, speaker, data.seed)
+                  if settings.get("augment") and not noise_path else [])
+        jobs += [SpeakerJob(split, root, speaker, speed, paths, out_dir, front, data, noise_path,
+                            rows, languages, texts, settings, babble) for speed in speeds]
     return jobs
 
 
@@ -171,9 +173,9 @@ def _skip_entry(relative: str, error: features.AudioError, job: SpeakerJob) -> d
 def _process_speaker(job: SpeakerJob) -> tuple[str, bool, list[dict]]:
     """Write one job's features and sidecar (or only the sidecar, if too few files are usable).
     Returns (speaker name written, usable, skipped files)."""
-    root, speed, paths, out_dir, config = job.root, job.speed, job.paths, job.out_dir, job.config
-    speaker = job.speaker
-    settings = features.feature_settings(config) | job.augment
+    root, speed, paths, out_dir = job.root, job.speed, job.paths, job.out_dir
+    front, data, speaker = job.front, job.data, job.speaker
+    settings = dict(job.settings)
     if speed != 1.0:
         speaker = perturbed_name(speaker, speed)
         settings["speed"] = speed
@@ -191,12 +193,12 @@ def _process_speaker(job: SpeakerJob) -> tuple[str, bool, list[dict]]:
     arrays, kept, sources, skipped, spans, recipes = [], [], [], [], [], {}
     for relative in paths:
         try:
-            wav = features.load_audio(Path(root) / relative, config.sr)
+            wav = features.load_audio(Path(root) / relative, front.sr)
             if speed != 1.0:
-                wav = features.speed_perturb(wav, speed, config.sr)
-            span = features.phrase_span(wav, config) if config.tdsv else None
-            arrays.append(features.centred_phrase(wav, span, config) if config.tdsv
-                          else features.voiced_features(wav, config))
+                wav = features.speed_perturb(wav, speed, front.sr)
+            span = features.phrase_span(wav, front) if front.tdsv else None
+            arrays.append(features.centred_phrase(wav, span, front) if front.tdsv
+                          else features.voiced_features(wav, front))
         except features.AudioError as error:
             # Each speed copy of a bad file is its own entry: one per file written (or not).
             skipped.append(_skip_entry(relative, error, job))
@@ -206,28 +208,28 @@ def _process_speaker(job: SpeakerJob) -> tuple[str, bool, list[dict]]:
         for copy in range(1, copies + 1):
             # The phrase is where it was in the clean recording: the room delays it ~1 ms.
             signal, recipe = augment.augmented_copy(
-                wav, config.sr, augment.copy_rng(config.seed, speaker, relative, copy),
-                config.augment_snr_db, noise, talkers)
+                wav, front.sr, augment.copy_rng(data.seed, speaker, relative, copy),
+                data.augment_snr_db, noise, talkers)
             try:
-                arrays.append(features.centred_phrase(signal, span, config) if config.tdsv
-                              else features.voiced_features(signal, config))
+                arrays.append(features.centred_phrase(signal, span, front) if front.tdsv
+                              else features.voiced_features(signal, front))
             except features.AudioError as error:
                 skipped.append(_skip_entry(relative, error, job) | {"copy": copy})
                 continue
             kept.append(f"{relative}{COPY_MARK}{copy}")
             sources.append(relative)
             recipes[kept[-1]] = recipe
-        if config.tdsv:
-            spans += [features.phrase_frames(span, config)] * (len(kept) - len(spans))
+        if front.tdsv:
+            spans += [features.phrase_frames(span, front)] * (len(kept) - len(spans))
     originals = len(set(sources))
-    usable = originals >= config.min_utterances
+    usable = originals >= data.min_utterances
     if not usable:
         skipped.append({"path": speaker, "kind": SPEAKER_SKIPPED,
                         "reason": f"{originals} usable utterances, expected at least "
-                                  f"--min_utterances {config.min_utterances}"})
+                                  f"--min_utterances {data.min_utterances}"})
         kept, sources, arrays, spans, recipes = [], [], [], [], {}
     else:
-        stacked = np.stack(arrays) if config.tdsv else np.concatenate(arrays)
+        stacked = np.stack(arrays) if front.tdsv else np.concatenate(arrays)
         utils.atomic_save_npy(out_dir / f"{speaker}.npy", stacked)
     utils.atomic_save_json(sidecar, {
         "settings": settings, "paths": paths, "utterances": kept, "skipped": skipped,
@@ -235,23 +237,22 @@ def _process_speaker(job: SpeakerJob) -> tuple[str, bool, list[dict]]:
         **({"languages": [job.languages[p] for p in sources]} if job.languages else {}),
         **({"texts": [job.texts[p] for p in sources]} if job.texts else {}),
         **({"augmented": recipes} if copies else {}),
-        **({"phrase_frames": spans} if config.tdsv else {})})
+        **({"phrase_frames": spans} if front.tdsv else {})})
     return speaker, usable, skipped
 
 
-def augmentation_settings(config: argparse.Namespace) -> dict:
+def augmentation_settings(data: Preprocessing, noise_path: str) -> dict:
     """What --augment's copies depend on, for the training split's settings (a change redoes
     the speakers); empty without --augment."""
-    if not config.augment:
+    if not data.augment:
         return {}
     import augment
 
-    return {"augment": config.augment, "augment_snr_db": list(config.augment_snr_db),
-            "augment_seed": config.seed, "augment_rt60_s": list(augment.RT60_S),
+    return {"augment": data.augment, "augment_snr_db": list(data.augment_snr_db),
+            "augment_seed": data.seed, "augment_rt60_s": list(augment.RT60_S),
             "augment_room_m": [list(side) for side in augment.ROOM_SIZE_M],
-            "augment_noise": (str(Path(config.noise_path).resolve()) if config.noise_path
-                              else "generated"),
-            **({"noise_filenum": config.noise_filenum} if config.noise_path else {})}
+            "augment_noise": str(Path(noise_path).resolve()) if noise_path else "generated",
+            **({"noise_filenum": data.noise_filenum} if noise_path else {})}
 
 
 def babble_sources(tree: dict[str, list[str]], train_speakers: list[str], speaker: str,
@@ -268,13 +269,12 @@ def babble_sources(tree: dict[str, list[str]], train_speakers: list[str], speake
 
 def _augmentation_noise(job: SpeakerJob) -> tuple[np.ndarray | None, list[np.ndarray]]:
     """(the --noise_path stream or None, the babble talkers' waveforms) of a speaker's copies."""
-    config = job.config
-    if config.noise_path:
-        return _noise_stream(config.noise_path, config.noise_filenum, config.sr)[0], []
+    if job.noise_path:
+        return _noise_stream(job.noise_path, job.data.noise_filenum, job.front.sr)[0], []
     talkers = []
     for relative in job.babble:
         try:
-            talkers.append(features.load_audio(Path(job.root) / relative, config.sr))
+            talkers.append(features.load_audio(Path(job.root) / relative, job.front.sr))
         except features.AudioError:  # counted where its own speaker is processed
             pass
     return None, talkers
@@ -283,8 +283,7 @@ def _augmentation_noise(job: SpeakerJob) -> tuple[np.ndarray | None, list[np.nda
 @functools.lru_cache(maxsize=1)
 def _noise_stream(noise_path: str, noise_filenum: int, sr: int) -> tuple[np.ndarray, list[dict]]:
     """build_noise, once per process (forked --workers inherit the parent's)."""
-    return build_noise(argparse.Namespace(noise_path=noise_path, noise_filenum=noise_filenum,
-                                          sr=sr))
+    return build_noise(noise_path, noise_filenum, sr)
 
 
 def _finished_speaker(sidecar: Path, array: Path, settings: dict, paths: list[str]
@@ -335,15 +334,16 @@ def find_noise_files(noise_path: str | Path) -> list[tuple[Path, Path | None]]:
     return found
 
 
-def build_noise(config: argparse.Namespace) -> tuple[np.ndarray, list[dict]]:
-    """One RMS-normalised noise stream from --noise_path: noise files, or noisy minus clean."""
+def build_noise(noise_path: str, noise_filenum: int, sr: int) -> tuple[np.ndarray, list[dict]]:
+    """One RMS-normalised noise stream at sr from the first noise_filenum files of noise_path:
+    noise files, or noisy minus clean."""
     pieces, skipped = [], []
-    limit = int(NOISE_SECONDS_PER_FILE * config.sr)
-    for noisy, clean in find_noise_files(config.noise_path)[:config.noise_filenum]:
+    limit = int(NOISE_SECONDS_PER_FILE * sr)
+    for noisy, clean in find_noise_files(noise_path)[:noise_filenum]:
         try:
-            noise = features.load_audio(noisy, config.sr)
+            noise = features.load_audio(noisy, sr)
             if clean is not None:
-                reference = features.load_audio(clean, config.sr)
+                reference = features.load_audio(clean, sr)
                 n = min(len(noise), len(reference))
                 noise = noise[:n] - reference[:n]
             noise = noise[:limit]
@@ -354,7 +354,7 @@ def build_noise(config: argparse.Namespace) -> tuple[np.ndarray, list[dict]]:
         except features.AudioError as error:
             skipped.append({"path": str(noisy), "kind": error.kind, "reason": str(error)})
     if not pieces:
-        raise ValueError(f"--noise_path {config.noise_path}: no usable noise file")
+        raise ValueError(f"--noise_path {noise_path}: no usable noise file")
     return np.concatenate(pieces).astype(np.float32), skipped
 
 
@@ -460,106 +460,109 @@ def preprocess(config: argparse.Namespace) -> dict:
     With --num_shards n, this run does every n-th speaker (--shard); the shard that finds all
     n shard manifests written merges them into manifest.json.
     """
-    root, corpus, tree, config = _read_corpus(config)
-    train_speakers, test_speakers = split_speakers(list(tree), config.test_ratio, config.seed,
-                                                   config.folds, config.fold)
-    sharded = config.num_shards > 1
-    augmenting = augmentation_settings(config)
-    if augmenting and config.noise_path:
-        _noise_stream(config.noise_path, config.noise_filenum, config.sr)  # fails before any job
+    front, data = config.features, config.data
+    root, corpus, tree, pattern, noise_path = _read_corpus(front, data)
+    train_speakers, test_speakers = split_speakers(list(tree), data.test_ratio, data.seed,
+                                                   data.folds, data.fold)
+    sharded = data.num_shards > 1
+    augmenting = augmentation_settings(data, noise_path)
+    if augmenting and noise_path:
+        _noise_stream(noise_path, data.noise_filenum, front.sr)  # fails before any job
 
-    summary = {"source": str(Path(root).resolve()), "settings": features.feature_settings(config)}
+    settings = features.feature_settings(front, data.tdsv_phrase, pattern)
+    summary = {"source": str(Path(root).resolve()), "settings": settings}
     splits, jobs = [], []
-    for name, speakers, out_dir in (("train", train_speakers, config.train_path),
-                                    ("test", test_speakers, config.test_path)):
+    for name, speakers, out_dir in (("train", train_speakers, data.train_path),
+                                    ("test", test_speakers, data.test_path)):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        speakers = speakers[config.shard::config.num_shards]
-        speeds = [1.0, *config.speed_perturb] if name == "train" else [1.0]
+        speakers = speakers[data.shard::data.num_shards]
+        speeds = [1.0, *data.speed_perturb] if name == "train" else [1.0]
         # A run killed mid-write leaves its temp files; the finished files are all renamed ones.
         _remove_leftovers(out_dir, [s if speed == 1.0 else perturbed_name(s, speed)
                                     for s in speakers for speed in speeds], sharded)
         if sharded:
             (out_dir / "manifest.json").unlink(missing_ok=True)  # stale until all shards are in
         splits.append(Split(name, out_dir, speakers, len(speeds)))
-        jobs += speaker_jobs(name, root, corpus, tree, speakers, speeds, out_dir, config,
-                             augmenting, train_speakers)
+        split_settings = settings | (augmenting if name == "train" else {})
+        jobs += speaker_jobs(name, root, corpus, tree, speakers, speeds, out_dir, front, data,
+                             noise_path, split_settings, train_speakers)
     # One queue for both splits, largest speakers first: no worker idles at the end of a split
     # or waits on one long speaker started last.
     jobs.sort(key=lambda job: -_audio_bytes(job.root, job.paths))
     usable = {split.name: [] for split in splits}
     skipped = {split.name: [] for split in splits}
     with threadpool_limits(limits=1, user_api="blas"):
-        for name, speaker, ok, bad in tqdm(run_jobs(jobs, config.workers), total=len(jobs),
+        for name, speaker, ok, bad in tqdm(run_jobs(jobs, data.workers), total=len(jobs),
                                            desc="preprocess", unit="speaker",
                                            dynamic_ncols=True):
             if ok:
                 usable[name].append(speaker)
             skipped[name].extend(bad)
     for split in splits:
+        split_settings = settings | (augmenting if split.name == "train" else {})
         summary[split.name] = _write_manifest(split, usable[split.name], skipped[split.name],
-                                              corpus, tree, config, augmenting,
-                                              summary["source"])
+                                              corpus, tree, front, data, noise_path,
+                                              split_settings, summary["source"])
     return summary
 
 
-def _read_corpus(config: argparse.Namespace
-                 ) -> tuple[str, corpora.Corpus, dict[str, list[str]], argparse.Namespace]:
-    """(root, corpus, speaker -> paths to preprocess, the config the jobs run with): TD-SV keeps
-    the phrase's paths; a corpus's own noise folder stands in for a missing --noise_path."""
-    root = config.audio_path
+def _read_corpus(front: Features, data: Preprocessing
+                 ) -> tuple[str, corpora.Corpus, dict[str, list[str]], str, str]:
+    """(root, corpus, speaker -> paths to preprocess, the TD-SV pattern and the noise folder
+    the jobs run with): TD-SV keeps the phrase's paths; the synthetic corpus has its own
+    phrase, a corpus's own noise folder stands in for a missing --noise_path."""
+    root, pattern, noise_path = data.audio_path, data.tdsv_pattern, data.noise_path
     if not root:
         # Imported here: scipy.signal costs each spawned --workers process almost a second.
         import synthetic_corpus
 
-        root = synthetic_corpus.build(config.synthetic_path, sr=config.sr, seed=config.seed)
-        if config.tdsv and not (config.tdsv_phrase or config.tdsv_pattern):
-            config.tdsv_pattern = SYNTHETIC_PHRASE_PATTERN
+        root = synthetic_corpus.build(data.synthetic_path, sr=front.sr, seed=data.seed)
+        if front.tdsv and not (data.tdsv_phrase or pattern):
+            pattern = SYNTHETIC_PHRASE_PATTERN
     corpus = corpora.find_corpus(root)
     tree = corpus.tree
-    if config.tdsv:
-        if not (config.tdsv_phrase or config.tdsv_pattern):
+    if front.tdsv:
+        if not (data.tdsv_phrase or pattern):
             raise ValueError("--tdsv True needs --tdsv_phrase or --tdsv_pattern to pick the phrase")
-        tree = select_phrase(tree, corpus.texts, config.tdsv_phrase, config.tdsv_pattern)
-    if corpus.noise and not config.noise_path and (config.tdsv or config.augment):
-        # A copy: the caller's flags stay as given.
-        config = argparse.Namespace(**{**vars(config), "noise_path": corpus.noise})
+        tree = select_phrase(tree, corpus.texts, data.tdsv_phrase, pattern)
+    if corpus.noise and not noise_path and (front.tdsv or data.augment):
+        noise_path = corpus.noise
         print(f"noise: {corpus.noise}, the corpus's {corpora.BACKGROUND_NOISE} folder, stands in "
               f"for --noise_path")
-    return str(root), corpus, tree, config
+    return str(root), corpus, tree, pattern, noise_path
 
 
 def _write_manifest(split: Split, usable: list[str], skipped: list[dict], corpus: corpora.Corpus,
-                    tree: dict[str, list[str]], config: argparse.Namespace, augmenting: dict,
-                    source: str) -> dict | None:
+                    tree: dict[str, list[str]], front: Features, data: Preprocessing,
+                    noise_path: str, settings: dict, source: str) -> dict | None:
     """Write one split's manifest (this shard's, merged once all shards are in) and print its
     summary; returns the manifest, None while a sharded run waits for other shards."""
     out_dir, speakers, copies = split.out_dir, split.speakers, split.copies
-    sharded, train = config.num_shards > 1, split.name == "train"
+    sharded, train = data.num_shards > 1, split.name == "train"
     # Sorted: with --workers > 1 speakers finish in any order, the manifest must not vary.
-    settings = features.feature_settings(config) | (augmenting if train else {})
     manifest = {"settings": settings, "source": source, "split": split.name,
                 "speakers": sorted(usable),
                 "skipped": sorted(skipped, key=lambda entry: entry["path"])}
     # Augmented copies count as files: each is skipped (or written) on its own.
-    n_files = copies * sum(len(tree[s]) for s in speakers) * (1 + config.augment * train)
-    if train and config.shard == 0:
+    n_files = copies * sum(len(tree[s]) for s in speakers) * (1 + data.augment * train)
+    if train and data.shard == 0:
         manifest["skipped"] = sorted(manifest["skipped"] + corpus.skipped,
                                      key=lambda entry: entry["path"])
         n_files += len(corpus.skipped)
-    if train and (config.tdsv or augmenting) and config.noise_path and config.shard == 0:
-        noise, bad_noise = _noise_stream(config.noise_path, config.noise_filenum, config.sr)
-        if config.tdsv:
+    if train and (front.tdsv or data.augment) and noise_path and data.shard == 0:
+        noise, bad_noise = _noise_stream(noise_path, data.noise_filenum, front.sr)
+        if front.tdsv:
             utils.atomic_save_npy(out_dir / "noise.npy", noise)
-            manifest["noise_seconds"] = len(noise) / config.sr
+            manifest["noise_seconds"] = len(noise) / front.sr
         manifest["skipped"].extend(bad_noise)
-    if config.tdsv:
-        manifest["phrase_frames"] = _written_phrase_lengths(out_dir, usable, config.tdsv_frame)
-    shard_text = f" (shard {config.shard} of {config.num_shards})" if sharded else ""
-    manifest_file = out_dir / (shard_name(config.shard, config.num_shards) if sharded
+    if front.tdsv:
+        manifest["phrase_frames"] = _written_phrase_lengths(out_dir, usable, front.tdsv_frame)
+    shard_text = f" (shard {data.shard} of {data.num_shards})" if sharded else ""
+    manifest_file = out_dir / (shard_name(data.shard, data.num_shards) if sharded
                                else "manifest.json")
     if sharded:
-        manifest.update(shard=config.shard, num_shards=config.num_shards)
+        manifest.update(shard=data.shard, num_shards=data.num_shards)
     utils.atomic_save_json(manifest_file, manifest)
     print(f"{split.name}{shard_text}: {len(usable)} of {copies * len(speakers)} speakers "
           f"written to {out_dir}; skipped {skip_summary(manifest['skipped'])} of {n_files} files "
@@ -568,12 +571,12 @@ def _write_manifest(split: Split, usable: list[str], skipped: list[dict], corpus
     if cut:
         summary_frames = manifest["phrase_frames"]
         print(f"{split.name}{shard_text}: {cut} of {summary_frames['phrases']} phrases are "
-              f"longer than --tdsv_frame {config.tdsv_frame} frames and were cut to it (phrase "
+              f"longer than --tdsv_frame {front.tdsv_frame} frames and were cut to it (phrase "
               f"lengths: median {summary_frames['median']}, 90th percentile "
               f"{summary_frames['p90']} frames; --tdsv_frame {summary_frames['p90']} would "
               f"keep 90 % of them whole)")
     if sharded:
-        return _merge_if_complete(out_dir, config.num_shards)
+        return _merge_if_complete(out_dir, data.num_shards)
     if split.name == "test":
         write_trial_lists(out_dir, manifest["speakers"])
     return manifest

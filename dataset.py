@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 from pathlib import Path
@@ -11,10 +10,10 @@ import numpy as np
 import scipy.signal
 import tensorflow as tf
 
+import configuration
 import features
+from configuration import Features, Training
 
-# Settings that must agree between the stored arrays and the model that reads them.
-CHECKED_SETTINGS = ("sr", "nfft", "window", "hop", "n_mels", "tdsv_frame")
 # Each memory map holds a file descriptor and its touched pages: keep only the recent ones open.
 OPEN_ARRAYS = 256
 
@@ -29,8 +28,8 @@ class SpeakerStore:
     entry is one source; `a+b` pools folders a and b into one source.
     """
 
-    def __init__(self, parts: list[tuple[Path, dict, int]], config: argparse.Namespace):
-        self.config = config
+    def __init__(self, parts: list[tuple[Path, dict, int]], front: Features):
+        self.front = front
         self.tdsv = parts[0][1]["settings"]["kind"] == "tdsv"
         self.speakers: list[str] = []
         # Indices into speakers, one array per MultiReader source (a --train_path entry).
@@ -130,7 +129,7 @@ class SpeakerStore:
     def test_utterances(self, speaker: str) -> list[np.ndarray]:
         """Clean log-mel frames of every utterance of a speaker."""
         if self.tdsv:
-            return list(features.log_mel(np.asarray(self.array(speaker)), self.config))
+            return list(features.log_mel(np.asarray(self.array(speaker)), self.front))
         return [np.asarray(self.utterance(speaker, i)) for i in range(self.num_utterances(speaker))]
 
 
@@ -147,9 +146,9 @@ def _read_json(file: Path, keys: tuple[str, ...]) -> dict:
     return data
 
 
-def open_store(paths: str, config: argparse.Namespace, split: str) -> SpeakerStore:
+def open_store(paths: str, front: Features, split: str) -> SpeakerStore:
     """Open a preprocessed split (or several: comma-separated sources, each one folder or several
-    joined by +), checking the feature settings."""
+    joined by +), checking that it was preprocessed with front's settings."""
     parts = []
     folders = [(Path(p), source) for source, entry in enumerate(paths.split(","))
                for p in entry.split("+")]
@@ -164,17 +163,17 @@ def open_store(paths: str, config: argparse.Namespace, split: str) -> SpeakerSto
                              f"(or point --{split}_path at preprocessed features)")
         manifest = _read_json(manifest_file, ("settings", "speakers"))
         settings = manifest["settings"]
-        expected_kind = "tdsv" if config.tdsv else "tisv"
-        if settings.get("kind") != expected_kind:
+        if settings.get("kind") != front.kind:
             raise ValueError(f"{path} holds {settings.get('kind')} data but --tdsv is "
-                             f"{config.tdsv}")
-        for key in CHECKED_SETTINGS:
-            if settings.get(key) != getattr(config, key):
+                             f"{front.tdsv}")
+        # What the network reads must be what was stored (the mode is the kind, checked above).
+        for key in configuration.fixed_fields(Features, "weights", "input"):
+            if key != "tdsv" and settings.get(key) != getattr(front, key):
                 raise ValueError(f"{path} was preprocessed with {key}={settings[key]} but --{key}"
-                                 f" is {getattr(config, key)}; re-run data_preprocess.py or fix "
+                                 f" is {getattr(front, key)}; re-run data_preprocess.py or fix "
                                  f"the flag")
         parts.append((path, manifest, source))
-    store = SpeakerStore(parts, config)
+    store = SpeakerStore(parts, front)
     if store.num_speakers < 2:
         raise ValueError(f"{paths}: {store.num_speakers} usable speakers; need at least 2")
     return store
@@ -194,7 +193,7 @@ def _crops(store: SpeakerStore, picks: list[tuple[str, np.ndarray]], length: int
            rng: np.random.Generator) -> np.ndarray:
     """[N*M, length, n_mels]: a random crop (crop_window) of each picked utterance. A full-length
     crop is read straight into its place in the batch, a shorter one repeated into it."""
-    crops = np.empty((sum(len(u) for _, u in picks), length, store.config.n_mels), np.float32)
+    crops = np.empty((sum(len(u) for _, u in picks), length, store.front.n_mels), np.float32)
     places = iter(crops)
     for speaker, utterances in picks:
         first = store.offsets[speaker][utterances]
@@ -241,65 +240,66 @@ def spec_augment(batch: np.ndarray, max_bands: int, max_frames: int,
     return np.where(masked, batch.mean(axis=(1, 2), keepdims=True), batch)
 
 
-def batch_speakers(store: SpeakerStore, config: argparse.Namespace, rng: np.random.Generator
+def batch_speakers(store: SpeakerStore, training: Training, rng: np.random.Generator
                    ) -> np.ndarray:
     """N distinct speaker indices: from all folders pooled, or with --source_weights all from
     one folder, drawn with probability proportional to its weight."""
-    if not config.source_weights:
-        return rng.choice(store.num_speakers, config.N, replace=False)
+    if not training.source_weights:
+        return rng.choice(store.num_speakers, training.N, replace=False)
     # MultiReader (paper, sec. 2.3): each folder's loss from batches of its own speakers,
     # weighted by how often its batches come.
-    weights = np.asarray(config.source_weights, dtype=np.float64)
+    weights = np.asarray(training.source_weights, dtype=np.float64)
     source = store.sources[rng.choice(len(weights), p=weights / weights.sum())]
-    return rng.choice(source, config.N, replace=False)
+    return rng.choice(source, training.N, replace=False)
 
 
-def sample_batch(store: SpeakerStore, config: argparse.Namespace, step: int) -> np.ndarray:
+def sample_batch(store: SpeakerStore, training: Training, step: int) -> np.ndarray:
     """Batch `step` of training: N speakers x M utterances, speaker-major, [N*M, T, n_mels].
 
     Seeded by (seed, step), so a resumed run sees exactly the batches of an uninterrupted one.
     """
-    rng = np.random.default_rng([config.seed, step])
+    rng = np.random.default_rng([training.seed, step])
     picks = []  # (speaker, its M utterance indices)
-    for s in batch_speakers(store, config, rng):
+    for s in batch_speakers(store, training, rng):
         speaker = store.speakers[s]
         count = store.num_utterances(speaker)
-        picks.append((speaker, rng.choice(count, config.M, replace=count < config.M)))
+        picks.append((speaker, rng.choice(count, training.M, replace=count < training.M)))
     if store.tdsv:
         clean = np.concatenate([row for speaker, utterances in picks for row in store.read_rows(
             speaker, [(u, u + 1) for u in utterances])])
         rms = np.sqrt(np.mean(clean ** 2, axis=1, keepdims=True))
-        snr = rng.uniform(*config.snr_db, (len(clean), 1))
+        snr = rng.uniform(*training.snr_db, (len(clean), 1))
         noisy = clean + _noise(store, clean.shape, rng) * rms * 10.0 ** (-snr / 20.0)
-        batch = features.log_mel(noisy.astype(np.float32), config)
+        batch = features.log_mel(noisy.astype(np.float32), store.front)
     else:
-        length = int(rng.integers(config.tisv_frame_min, config.tisv_frame + 1))
+        length = int(rng.integers(training.tisv_frame_min, training.tisv_frame + 1))
         batch = _crops(store, picks, length, rng)
-    if any(config.spec_augment):
-        batch = spec_augment(batch, *config.spec_augment, rng)
+    if any(training.spec_augment):
+        batch = spec_augment(batch, *training.spec_augment, rng)
     return batch
 
 
-def training_batches(store: SpeakerStore, config: argparse.Namespace, start_step: int
-                     ) -> tf.data.Dataset:
-    """Batches start_step+1 .. iteration, assembled in parallel and prefetched by tf.data."""
-    if config.source_weights:
-        if len(config.source_weights) != len(store.sources):
-            raise ValueError(f"--source_weights: {len(config.source_weights)} weights for "
+def training_batches(store: SpeakerStore, training: Training, start_step: int,
+                     train_path: str) -> tf.data.Dataset:
+    """Batches start_step+1 .. iteration of the store opened from train_path, assembled in
+    parallel and prefetched by tf.data."""
+    if training.source_weights:
+        if len(training.source_weights) != len(store.sources):
+            raise ValueError(f"--source_weights: {len(training.source_weights)} weights for "
                              f"{len(store.sources)} --train_path folders; give one per folder")
-        for weight, source, path in zip(config.source_weights, store.sources,
-                                        config.train_path.split(",")):
-            if weight > 0 and len(source) < config.N:
+        for weight, source, path in zip(training.source_weights, store.sources,
+                                        train_path.split(",")):
+            if weight > 0 and len(source) < training.N:
                 raise ValueError(f"--source_weights: {path} has {len(source)} speakers, fewer "
-                                 f"than --N {config.N}; lower --N or give it weight 0")
+                                 f"than --N {training.N}; lower --N or give it weight 0")
 
     def make(step):
-        return sample_batch(store, config, int(step))
+        return sample_batch(store, training, int(step))
 
     def as_tensor(step):
         batch = tf.numpy_function(make, [step], tf.float32, stateful=False)
-        return tf.ensure_shape(batch, [config.N * config.M, None, config.n_mels])
+        return tf.ensure_shape(batch, [training.N * training.M, None, store.front.n_mels])
 
-    steps = tf.data.Dataset.range(start_step + 1, config.iteration + 1)
+    steps = tf.data.Dataset.range(start_step + 1, training.iteration + 1)
     return steps.map(as_tensor, num_parallel_calls=tf.data.AUTOTUNE,
                      deterministic=True).prefetch(tf.data.AUTOTUNE)

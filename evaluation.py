@@ -13,6 +13,7 @@ import features
 import model
 import plots
 import utils
+from configuration import Evaluation, Features
 
 P_TARGETS = (0.01, 0.05)
 RECORD = "evaluation.json"  # a test's metrics and thresholds; this module alone reads and writes it
@@ -84,15 +85,15 @@ def embed_store(embed, store: dataset.SpeakerStore, window: int, desc: str
             for speaker in tqdm(store.speakers, desc=desc, unit="speaker", dynamic_ncols=True)}
 
 
-def embed_files(embed, root: Path, names: list[str], config: argparse.Namespace
+def embed_files(embed, root: Path, names: list[str], front: Features
                 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Utterance d-vectors of audio files under root, by relative name, and why each unusable
     file (missing, unreadable, silent, too short) was skipped."""
     paths = [root / name for name in names]
-    results = features.files_inference_features(paths, config)
+    results = features.files_inference_features(paths, front)
     usable = {n: r for n, r in zip(names, results) if not isinstance(r, features.AudioError)}
     skipped = {n: str(r) for n, r in zip(names, results) if isinstance(r, features.AudioError)}
-    vectors = model.utterance_d_vectors(embed, list(usable.values()), config.window_frames
+    vectors = model.utterance_d_vectors(embed, list(usable.values()), front.window_frames
                                         ) if usable else []
     return dict(zip(usable, vectors)), skipped
 
@@ -127,13 +128,13 @@ def split_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np
     return scores[own], scores[~own]
 
 
-def similarity_matrix_test(d_vectors: dict[str, np.ndarray], config: argparse.Namespace
+def similarity_matrix_test(d_vectors: dict[str, np.ndarray], evaluation: Evaluation
                            ) -> dict:
     """The original's test over all test speakers, repeated over random enrollment draws."""
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(evaluation.seed)
     eers, thresholds, first = [], [], None
-    for _ in range(config.draws):
-        scores, labels = verification_draw(d_vectors, config.enroll_ratio, rng)
+    for _ in range(evaluation.draws):
+        scores, labels = verification_draw(d_vectors, evaluation.enroll_ratio, rng)
         target, nontarget = split_scores(scores, labels)
         eer, threshold = utils.equal_error_rate(target, nontarget)
         eers.append(eer)
@@ -176,19 +177,20 @@ def threshold_record(threshold: float, eer: float, scored: str) -> dict:
             "threshold_source": f"EER threshold of {scored}, EER {100 * eer:.2f} %"}
 
 
-def cohort_models(embed, config: argparse.Namespace, fingerprint: str) -> np.ndarray | None:
-    """The AS-norm cohort, one speaker model per training speaker: of --train_path when given,
-    else the one shipped with the model (cohort.npz), else of the default --train_path; None
-    when there is none."""
-    shipped = Path(config.model_path) / COHORT
-    if "train_path" not in config.explicit and shipped.is_file():
+def cohort_models(embed, front: Features, train_path: str, typed: bool, model_path: str,
+                  fingerprint: str) -> np.ndarray | None:
+    """The AS-norm cohort, one speaker model per training speaker: of train_path when the user
+    typed it, else the one shipped with the model (cohort.npz), else of train_path; None when
+    there is none."""
+    shipped = Path(model_path) / COHORT
+    if not typed and shipped.is_file():
         return read_cohort(shipped, fingerprint)
     try:
-        store = dataset.open_store(config.train_path, config, "train")
+        store = dataset.open_store(train_path, front, "train")
     except ValueError as error:
         print(f"AS-norm skipped: no training speakers for the cohort ({error})")
         return None
-    vectors = embed_store(embed, store, config.window_frames, "cohort")
+    vectors = embed_store(embed, store, front.window_frames, "cohort")
     return np.stack([utils.speaker_model(v) for v in vectors.values()])
 
 
@@ -203,10 +205,11 @@ def read_cohort(path: Path, fingerprint: str) -> np.ndarray:
 
 def write_cohort(config: argparse.Namespace) -> Path:
     """--cohort: embed every --train_path speaker and ship the speaker models with the model."""
-    config, encoder = model.load_trained(config)
-    embed = model.make_embedder(encoder, config.n_mels, config.window_frames)
-    store = dataset.open_store(config.train_path, config, "train")
-    vectors = embed_store(embed, store, config.window_frames, "cohort")
+    front, _, encoder = model.load_trained(config.model_path, config.features, config.network,
+                                           config.explicit, config.model_num, config.ensemble)
+    embed = model.make_embedder(encoder, front.n_mels, front.window_frames)
+    store = dataset.open_store(config.train_path, front, "train")
+    vectors = embed_store(embed, store, front.window_frames, "cohort")
     path = Path(config.model_path) / COHORT
     utils.atomic_save_npz(path, speaker_models=np.stack([utils.speaker_model(v)
                                                           for v in vectors.values()]),
@@ -225,12 +228,13 @@ def write_scores(path: Path, trials, scores: np.ndarray) -> None:
 
 def test(config: argparse.Namespace) -> dict:
     """Evaluate a trained model: similarity-matrix draws, trial scoring, AS-norm, figures."""
-    config, encoder = model.load_trained(config)
-    embed = model.make_embedder(encoder, config.n_mels, config.window_frames)
-    mode = "TD-SV" if config.tdsv else "TI-SV"
+    front, _, encoder = model.load_trained(config.model_path, config.features, config.network,
+                                           config.explicit, config.model_num, config.ensemble)
+    embed = model.make_embedder(encoder, front.n_mels, front.window_frames)
+    mode = "TD-SV" if front.tdsv else "TI-SV"
     model_path = Path(config.model_path)
     results = Path(config.results_path or model_path / "results")
-    summary: dict = {"mode": mode, "models": model.model_paths(config),
+    summary: dict = {"mode": mode, "models": model.model_paths(config.model_path, config.ensemble),
                      "model": model.model_fingerprint(encoder)}
 
     if config.trials:
@@ -242,7 +246,7 @@ def test(config: argparse.Namespace) -> dict:
         if not config.audio_path:
             raise ValueError("--trials needs --audio_path, the folder its paths are relative to")
         names = sorted({name for _, a, b in trials for name in (a, b)})
-        vectors, skipped = embed_files(embed, Path(config.audio_path), names, config)
+        vectors, skipped = embed_files(embed, Path(config.audio_path), names, front)
         listed = len(trials)
         trials = [t for t in trials if t[1] in vectors and t[2] in vectors]
         if skipped:
@@ -253,9 +257,9 @@ def test(config: argparse.Namespace) -> dict:
             raise ValueError(f"--trials {config.trials}: no trial has two usable files")
         origin = f"from {config.trials}"
     else:
-        store = dataset.open_store(config.test_path, config, "test")
-        by_speaker = embed_store(embed, store, config.window_frames, "embed")
-        draws = similarity_matrix_test(by_speaker, config)
+        store = dataset.open_store(config.test_path, front, "test")
+        by_speaker = embed_store(embed, store, front.window_frames, "embed")
+        draws = similarity_matrix_test(by_speaker, config.evaluation)
         first = draws["first"]
         print(f"{mode} similarity-matrix test: EER {100 * draws['eer_mean']:.2f}% +/- "
               f"{100 * draws['eer_std']:.2f} over {config.draws} enrollment draws of "
@@ -295,7 +299,8 @@ def test(config: argparse.Namespace) -> dict:
     write_scores(results / "scores.txt", trials, raw)
     summary["raw"] = raw_metrics
 
-    cohort = cohort_models(embed, config, summary["model"])
+    cohort = cohort_models(embed, front, config.train_path, "train_path" in config.explicit,
+                           config.model_path, summary["model"])
     if cohort is not None:
         cohort_scores = matrix @ cohort.T
         normed = utils.as_norm(raw, cohort_scores[enrol], cohort_scores[probe],

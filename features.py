@@ -6,7 +6,6 @@ tests; the front end of the paper (25 ms windows, 10 ms hop, 40 log-mel bands).
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import functools
 import mmap
@@ -23,6 +22,8 @@ import soundfile as sf
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from configuration import Features
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus")  # all read by libsndfile >= 1.1
 AUDIO_TYPES = "WAV, FLAC, MP3, OGG/Opus"  # AUDIO_EXTENSIONS in words, for messages
 LOG_FLOOR = 1e-6  # digital silence in the recordings must not give log(0)
@@ -37,21 +38,12 @@ class AudioError(ValueError):
         self.kind = kind
 
 
-def feature_settings(config: argparse.Namespace) -> dict:
+def feature_settings(front: Features, tdsv_phrase: str = "", tdsv_pattern: str = "") -> dict:
     """The settings that determine the stored arrays; training and test check them."""
-    return {"kind": "tdsv" if config.tdsv else "tisv", "sr": config.sr, "nfft": config.nfft,
-            "window": config.window, "hop": config.hop, "n_mels": config.n_mels,
-            "top_db": config.top_db, "tdsv_frame": config.tdsv_frame,
-            "min_frames": config.min_frames, "tdsv_phrase": config.tdsv_phrase,
-            "tdsv_pattern": config.tdsv_pattern}
-
-
-def hop_samples(config: argparse.Namespace) -> int:
-    return int(round(config.hop * config.sr))
-
-
-def window_samples(config: argparse.Namespace) -> int:
-    return int(round(config.window * config.sr))
+    return {"kind": front.kind, "sr": front.sr, "nfft": front.nfft, "window": front.window,
+            "hop": front.hop, "n_mels": front.n_mels, "top_db": front.top_db,
+            "tdsv_frame": front.tdsv_frame, "min_frames": front.min_frames,
+            "tdsv_phrase": tdsv_phrase, "tdsv_pattern": tdsv_pattern}
 
 
 def _wav_truncation(handle, size: int) -> str | None:
@@ -254,22 +246,22 @@ def hann_window(length: int) -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(length) / length)).astype(np.float32)
 
 
-def frames(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
+def frames(wav: np.ndarray, front: Features) -> np.ndarray:
     """[..., 1 + samples // hop, nfft] strided view of wav (no copy): frames centred on
     multiples of the hop, zero-padded at the ends, as librosa's stft and rms (center=True)."""
-    half = config.nfft // 2
+    half = front.nfft // 2
     padded = np.zeros((*wav.shape[:-1], wav.shape[-1] + 2 * half), np.float32)
     padded[..., half:half + wav.shape[-1]] = wav
-    view = np.lib.stride_tricks.sliding_window_view(padded, config.nfft, axis=-1)
-    return view[..., ::hop_samples(config), :]
+    view = np.lib.stride_tricks.sliding_window_view(padded, front.nfft, axis=-1)
+    return view[..., ::front.hop_samples, :]
 
 
-def frames_log_mel(framed: np.ndarray, config: argparse.Namespace,
+def frames_log_mel(framed: np.ndarray, front: Features,
                    keep: np.ndarray | None = None) -> np.ndarray:
     """log10 mel power [..., frames, n_mels] of frames from frames() (only the `keep` ones if
     given): the original recipe (Hann window centred in nfft, |FFT|^2, mel, log10) in float32."""
-    length = window_samples(config)
-    offset = (config.nfft - length) // 2
+    length = front.window_samples
+    offset = (front.nfft - length) // 2
     # The FFT zero-pads the window at the end instead of around it: a circular shift, which
     # leaves the power spectrum unchanged.
     windowed = framed[..., offset:offset + length]
@@ -278,89 +270,89 @@ def frames_log_mel(framed: np.ndarray, config: argparse.Namespace,
     else:
         windowed = windowed[keep]
         windowed *= hann_window(length)
-    spectrum = scipy.fft.rfft(windowed, n=config.nfft, axis=-1)
+    spectrum = scipy.fft.rfft(windowed, n=front.nfft, axis=-1)
     squares = spectrum.view(np.float32)
     np.square(squares, out=squares)
-    mel = squares @ _interleaved_mel_basis(config.sr, config.nfft, config.n_mels)
+    mel = squares @ _interleaved_mel_basis(front.sr, front.nfft, front.n_mels)
     return np.log10(mel + LOG_FLOOR, out=mel)
 
 
-def log_mel(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
+def log_mel(wav: np.ndarray, front: Features) -> np.ndarray:
     """log10 mel power spectrogram [..., frames, n_mels] of wav [..., samples] (original recipe)."""
-    return frames_log_mel(frames(np.asarray(wav, dtype=np.float32), config), config)
+    return frames_log_mel(frames(np.asarray(wav, dtype=np.float32), front), front)
 
 
-def voiced_frames(framed: np.ndarray, n_samples: int, config: argparse.Namespace) -> np.ndarray:
+def voiced_frames(framed: np.ndarray, n_samples: int, front: Features) -> np.ndarray:
     """The frames librosa's VAD (effects.split: frame RMS within --top_db of the loudest) keeps,
     as a boolean mask over frames(wav) of a mono wav."""
-    rms = np.sqrt(np.einsum("ij,ij->i", framed, framed) / config.nfft)
+    rms = np.sqrt(np.einsum("ij,ij->i", framed, framed) / front.nfft)
     power = np.maximum(rms * rms, 1e-10)  # as librosa's amplitude_to_db (amin 1e-5 squared)
     db = 10.0 * np.log10(power) - 10.0 * np.log10(power.max())
-    keep = db > -config.top_db
+    keep = db > -front.top_db
     # effects.split clips the last interval at the signal's end; the conversion back to frames
     # then drops the last frame when it starts exactly at the end.
-    if n_samples % hop_samples(config) == 0:
+    if n_samples % front.hop_samples == 0:
         keep[-1] = False
     return keep
 
 
-def voiced_features(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
+def voiced_features(wav: np.ndarray, front: Features) -> np.ndarray:
     """Log-mel frames of the intervals that librosa's VAD (effects.split) keeps."""
-    framed = frames(wav, config)
-    keep = voiced_frames(framed, len(wav), config)
-    if keep.sum() < config.min_frames:
+    framed = frames(wav, front)
+    keep = voiced_frames(framed, len(wav), front)
+    if keep.sum() < front.min_frames:
         raise AudioError("too short", f"too short: {keep.sum()} voiced frames, expected at "
-                                      f"least --min_frames {config.min_frames}")
-    return frames_log_mel(framed, config, keep)
+                                      f"least --min_frames {front.min_frames}")
+    return frames_log_mel(framed, front, keep)
 
 
-def phrase_span(wav: np.ndarray, config: argparse.Namespace) -> tuple[int, int]:
+def phrase_span(wav: np.ndarray, front: Features) -> tuple[int, int]:
     """(start, end) samples of the phrase: as librosa.effects.trim, from the first to the end of
     the last frame the VAD keeps."""
-    hop = hop_samples(config)
-    kept = np.flatnonzero(voiced_frames(frames(wav, config), len(wav), config))
+    hop = front.hop_samples
+    kept = np.flatnonzero(voiced_frames(frames(wav, front), len(wav), front))
     start, end = (kept[0] * hop, min(len(wav), (kept[-1] + 1) * hop)) if kept.size else (0, 0)
-    if end - start < config.min_frames * hop // 4:
+    if end - start < front.min_frames * hop // 4:
         raise AudioError("too short", f"too short: {end - start} voiced samples, expected at "
-                                      f"least {config.min_frames * hop // 4} (--min_frames / 4)")
+                                      f"least {front.min_frames * hop // 4} (--min_frames / 4)")
     return start, end
 
 
-def centred_phrase(wav: np.ndarray, span: tuple[int, int], config: argparse.Namespace
+def centred_phrase(wav: np.ndarray, span: tuple[int, int], front: Features
                    ) -> np.ndarray:
     """The window of exactly --tdsv_frame frames centred on span (a longer phrase is cut)."""
-    length = (config.tdsv_frame - 1) * hop_samples(config)
+    length = (front.tdsv_frame - 1) * front.hop_samples
     centre = (span[0] + span[1]) // 2
     lo = max(0, min(centre - length // 2, len(wav) - length))
     segment = wav[lo:lo + length]
     return np.pad(segment, (0, length - len(segment))).astype(np.float32)
 
 
-def phrase_waveform(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
+def phrase_waveform(wav: np.ndarray, front: Features) -> np.ndarray:
     """The phrase trimmed by VAD, centred in a window of exactly --tdsv_frame frames."""
-    return centred_phrase(wav, phrase_span(wav, config), config)
+    return centred_phrase(wav, phrase_span(wav, front), front)
 
 
-def phrase_frames(span: tuple[int, int], config: argparse.Namespace) -> int:
+def phrase_frames(span: tuple[int, int], front: Features) -> int:
     """The --tdsv_frame that just holds the phrase span: a window of n frames spans n - 1 hops."""
-    return 1 + int(-(-(span[1] - span[0]) // hop_samples(config)))
+    return 1 + int(-(-(span[1] - span[0]) // front.hop_samples))
 
 
-def inference_features(wav: np.ndarray, config: argparse.Namespace) -> np.ndarray:
+def inference_features(wav: np.ndarray, front: Features) -> np.ndarray:
     """Features of one recording as the model saw them in training: VAD'd log-mel (TI-SV) or
     the log-mel of the trimmed, fixed-length phrase (TD-SV)."""
-    if config.tdsv:
-        return log_mel(phrase_waveform(wav, config), config)
-    return voiced_features(wav, config)
+    if front.tdsv:
+        return log_mel(phrase_waveform(wav, front), front)
+    return voiced_features(wav, front)
 
 
-def files_inference_features(paths: list[str | Path], config: argparse.Namespace
+def files_inference_features(paths: list[str | Path], front: Features
                              ) -> list[np.ndarray | AudioError]:
     """inference_features of each audio file, on one thread per core (decoding and the FFT
     release the GIL); a file that cannot be used gives its AudioError in its place."""
     def one(path):
         try:
-            return inference_features(load_audio(path, config.sr), config)
+            return inference_features(load_audio(path, front.sr), front)
         except AudioError as error:
             return error
 

@@ -67,17 +67,19 @@ class DVectorModel:
         import evaluation
         import model
 
-        self.config, self._encoder = model.load_trained(config)
-        self.path = Path(self.config.model_path)
+        self.features, self.network, self._encoder = model.load_trained(
+            config.model_path, config.features, config.network, config.explicit,
+            config.model_num, config.ensemble)
+        self.path = Path(config.model_path)
         self.fingerprint = model.model_fingerprint(self._encoder)
-        self._embed = model.make_embedder(self._encoder, self.config.n_mels,
-                                          self.config.window_frames)
+        self._embed = model.make_embedder(self._encoder, self.features.n_mels,
+                                          self.features.window_frames)
         self.threshold, self.threshold_source = evaluation.operating_threshold(
-            self.path, self.fingerprint, ensemble=bool(self.config.ensemble))
+            self.path, self.fingerprint, ensemble=bool(config.ensemble))
 
     @property
     def sample_rate(self) -> int:
-        return self.config.sr
+        return self.features.sr
 
     @property
     def profiles_path(self) -> Path:
@@ -88,17 +90,17 @@ class DVectorModel:
         """Utterance d-vectors [U,P] of log-mel feature arrays [T,n_mels] (sliding windows)."""
         import model
 
-        return model.utterance_d_vectors(self._embed, utterances, self.config.window_frames)
+        return model.utterance_d_vectors(self._embed, utterances, self.features.window_frames)
 
     def embed_waveform(self, wav: np.ndarray, sr: int) -> np.ndarray:
         """The utterance d-vector [P] of a mono waveform at sample rate sr."""
         import features
 
         wav = np.asarray(wav, dtype=np.float32)
-        if sr != self.config.sr:
+        if sr != self.features.sr:
             import librosa
-            wav = librosa.resample(wav, orig_sr=sr, target_sr=self.config.sr, res_type="soxr_hq")
-        return self.embed_features([features.inference_features(wav, self.config)])[0]
+            wav = librosa.resample(wav, orig_sr=sr, target_sr=self.features.sr, res_type="soxr_hq")
+        return self.embed_features([features.inference_features(wav, self.features)])[0]
 
     def embed_files_or_errors(self, paths: list[str | Path]
                               ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -106,7 +108,7 @@ class DVectorModel:
         import features
 
         paths = [str(p) for p in paths]
-        results = features.files_inference_features(paths, self.config)
+        results = features.files_inference_features(paths, self.features)
         usable = {p: r for p, r in zip(paths, results) if not isinstance(r, Exception)}
         errors = {p: str(r) for p, r in zip(paths, results) if isinstance(r, Exception)}
         vectors = self.embed_features(list(usable.values())) if usable else []

@@ -3,11 +3,11 @@ loss (the paper's equations by number), checkpoints, loading a trained encoder a
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import math
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 import keras
@@ -16,6 +16,7 @@ import tensorflow as tf
 
 import configuration
 import utils
+from configuration import Features, Network
 
 
 def centroids(embeddings: tf.Tensor) -> tf.Tensor:
@@ -485,12 +486,11 @@ class GE2EScale(keras.layers.Layer):
         return tf.abs(self.w), self.b
 
 
-def build_model(config: argparse.Namespace) -> tuple[SpeakerEncoder, GE2EScale]:
-    """The encoder and the GE2E scale, built (weights created) for config's feature size."""
-    encoder = SpeakerEncoder(config.hidden, config.proj, config.num_layer,
-                             getattr(config, "precision", "fp32"),
-                             getattr(config, "lstmp", "kernel"))
-    encoder(tf.zeros((1, 2, config.n_mels)))
+def build_model(network: Network, n_mels: int) -> tuple[SpeakerEncoder, GE2EScale]:
+    """The encoder and the GE2E scale, built (weights created) for n_mels features."""
+    encoder = SpeakerEncoder(network.hidden, network.proj, network.num_layer, network.precision,
+                             network.lstmp)
+    encoder(tf.zeros((1, 2, n_mels)))
     scale = GE2EScale()
     scale.build()
     return encoder, scale
@@ -531,14 +531,22 @@ class Ensemble(keras.Model):
         return tf.concat([member(features, mask=mask) for member in self.members], -1) * scale
 
 
-def _load_encoder(config: argparse.Namespace, model_path: Path, model_num: int
-                  ) -> tuple[argparse.Namespace, SpeakerEncoder]:
+def saved_model(model_path: Path, front: Features, network: Network,
+                explicit: Collection[str] = ()) -> tuple[Features, Network]:
+    """The features and network a trained model was saved with (the run-time choices, such as
+    --min_frames and --lstmp, from front and network); a conflicting typed flag is an error."""
     if not (model_path / "config.json").exists():
         raise ValueError(f"{model_path}: no config.json; train a model there first "
                          f"(python main.py --train True --model_path {model_path})")
-    config = configuration.merge_saved_config(
-        config, configuration.load_config(model_path / "config.json"))
-    encoder, scale = build_model(config)
+    saved = configuration.load_config(model_path / "config.json")
+    return (configuration.from_saved(front, saved, explicit),
+            configuration.from_saved(network, saved, explicit))
+
+
+def _load_encoder(model_path: Path, front: Features, network: Network, explicit: Collection[str],
+                  model_num: int) -> tuple[Features, Network, SpeakerEncoder]:
+    front, network = saved_model(model_path, front, network, explicit)
+    encoder, scale = build_model(network, front.n_mels)
     checkpoint_dir = model_path / "checkpoints"
     if model_num:
         path = str(checkpoint_dir / f"ckpt-{model_num}")
@@ -549,7 +557,7 @@ def _load_encoder(config: argparse.Namespace, model_path: Path, model_num: int
         if path is None:
             raise ValueError(f"{checkpoint_dir}: no checkpoint found")
     restore_checkpoint(checkpoint_of(encoder, scale), path, partial=True)
-    return config, encoder
+    return front, network, encoder
 
 
 def model_fingerprint(encoder: SpeakerEncoder | Ensemble) -> str:
@@ -560,33 +568,32 @@ def model_fingerprint(encoder: SpeakerEncoder | Ensemble) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_paths(config: argparse.Namespace) -> list[str]:
+def model_paths(model_path: str, ensemble: str = "") -> list[str]:
     """--model_path and the --ensemble members as records name them: what an evaluation used."""
-    paths = [config.model_path] + (config.ensemble.split(",") if config.ensemble else [])
+    paths = [model_path] + (ensemble.split(",") if ensemble else [])
     return [utils.record_path(path) for path in paths]
 
 
-def load_trained(config: argparse.Namespace
-                 ) -> tuple[argparse.Namespace, SpeakerEncoder | Ensemble]:
-    """Config merged with the model's saved one, and the encoder restored from its checkpoint
-    (an Ensemble with the --ensemble models, which must share its feature settings)."""
-    config, encoder = _load_encoder(config, Path(config.model_path), config.model_num)
-    if not config.ensemble:
-        return config, encoder
+def load_trained(model_path: str | Path, front: Features, network: Network,
+                 explicit: Collection[str] = (), model_num: int = 0, ensemble: str = ""
+                 ) -> tuple[Features, Network, SpeakerEncoder | Ensemble]:
+    """The model's saved features and network (see saved_model) and its encoder restored from
+    its checkpoint: an Ensemble with the comma-separated --ensemble models, which must share
+    its features."""
+    front, network, encoder = _load_encoder(Path(model_path), front, network, explicit,
+                                            model_num)
+    if not ensemble:
+        return front, network, encoder
     members = [encoder]
-    for path in config.ensemble.split(","):
+    for path in ensemble.split(","):
         # Members may differ in shape (hidden, proj, layers), never in the features they read.
-        member_config = argparse.Namespace(**vars(config))
-        for key in configuration.NETWORK_KEYS:
-            setattr(member_config, key, None)
-        member_config.explicit = []
-        member_config, member = _load_encoder(member_config, Path(path), 0)
-        for key in configuration.FEATURE_KEYS:
-            if getattr(member_config, key) != getattr(config, key):
-                raise ValueError(f"--ensemble {path}: its {key}={getattr(member_config, key)} "
-                                 f"differs from --model_path's {key}={getattr(config, key)}")
+        member_front, _, member = _load_encoder(Path(path), front, network, (), 0)
+        for key in configuration.fixed_fields(Features, "weights", "input"):
+            if getattr(member_front, key) != getattr(front, key):
+                raise ValueError(f"--ensemble {path}: its {key}={getattr(member_front, key)} "
+                                 f"differs from --model_path's {key}={getattr(front, key)}")
         members.append(member)
-    return config, Ensemble(members)
+    return front, network, Ensemble(members)
 
 
 EMBED_BUCKETS = (1, 16, 256)  # batch sizes the XLA embedder is compiled for

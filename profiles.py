@@ -14,14 +14,15 @@ import ge2e
 import utils
 
 
-def threshold_for(model: ge2e.DVectorModel, config: argparse.Namespace) -> tuple[float, str]:
+def threshold_for(model: ge2e.DVectorModel, threshold: float | None, threshold_from: str
+                  ) -> tuple[float, str]:
     """The decision threshold and its source: --threshold, --threshold_from, else the model's."""
-    if config.threshold is not None:
-        return config.threshold, "--threshold"
-    if config.threshold_from:
+    if threshold is not None:
+        return threshold, "--threshold"
+    if threshold_from:
         import evaluation
 
-        return evaluation.threshold_from(config.threshold_from, model.fingerprint)
+        return evaluation.threshold_from(threshold_from, model.fingerprint)
     if model.threshold is None:
         raise ValueError(f"no operating threshold: {model.threshold_source}; or pass --threshold")
     return model.threshold, model.threshold_source
@@ -63,18 +64,22 @@ def _summary(decisions: list[ge2e.Decision], skipped: int, seconds: float) -> st
 
 def verify(config: argparse.Namespace) -> list[ge2e.Decision]:
     """Score each --audio file against the --verify profile: one line each, then a summary."""
-    return _verify_pairs(config, [(config.verify, probe) for probe in config.audio])
+    model = ge2e.DVectorModel(config)
+    return _verify_pairs(model, threshold_for(model, config.threshold, config.threshold_from),
+                         [(config.verify, probe) for probe in config.audio])
 
 
 def verify_pairs(config: argparse.Namespace) -> list[ge2e.Decision]:
     """Score every 'NAME audio_path' line of --pairs: one line each, then a summary."""
-    return _verify_pairs(config, read_pairs(config.pairs))
-
-
-def _verify_pairs(config: argparse.Namespace, pairs: list[tuple[str, str]]
-                  ) -> list[ge2e.Decision]:
+    pairs = read_pairs(config.pairs)
     model = ge2e.DVectorModel(config)
-    threshold, source = threshold_for(model, config)
+    return _verify_pairs(model, threshold_for(model, config.threshold, config.threshold_from),
+                         pairs)
+
+
+def _verify_pairs(model: ge2e.DVectorModel, decided: tuple[float, str],
+                  pairs: list[tuple[str, str]]) -> list[ge2e.Decision]:
+    threshold, source = decided
     speakers = {name: ge2e.speaker_model(model.profile(name)) for name in sorted({n for n, _ in pairs})}
     started = time.perf_counter()
     vectors = _embed_probes(model, [probe for _, probe in pairs])

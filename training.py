@@ -17,18 +17,19 @@ from tqdm import tqdm
 import configuration
 import dataset
 import model
+from configuration import Features, Network, Training
 from model import GE2EScale, SpeakerEncoder
 
 
-def build_optimizer(config: argparse.Namespace) -> keras.optimizers.Optimizer:
+def build_optimizer(training: Training) -> keras.optimizers.Optimizer:
     """SGD/Adam/RMSProp with the learning rate halved every --lr_decay_every steps."""
     schedule = keras.optimizers.schedules.ExponentialDecay(
-        config.lr, decay_steps=config.lr_decay_every, decay_rate=0.5, staircase=True)
-    if config.optim == "sgd":
+        training.lr, decay_steps=training.lr_decay_every, decay_rate=0.5, staircase=True)
+    if training.optim == "sgd":
         return keras.optimizers.SGD(schedule)
-    if config.optim == "adam":
-        return keras.optimizers.Adam(schedule, beta_1=config.beta1, beta_2=config.beta2)
-    return keras.optimizers.RMSprop(schedule, rho=config.beta2)
+    if training.optim == "adam":
+        return keras.optimizers.Adam(schedule, beta_1=training.beta1, beta_2=training.beta2)
+    return keras.optimizers.RMSprop(schedule, rho=training.beta2)
 
 
 def make_strategy(kind: str) -> tf.distribute.Strategy:
@@ -55,7 +56,7 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 
 def make_train_step(encoder: SpeakerEncoder, scale: GE2EScale,
-                    optimizer: keras.optimizers.Optimizer, config: argparse.Namespace,
+                    optimizer: keras.optimizers.Optimizer, training: Training, n_mels: int,
                     strategy: tf.distribute.Strategy | None = None):
     """A compiled GE2E step: loss, global-norm clipping, w/b gradients scaled by 0.01.
 
@@ -64,18 +65,18 @@ def make_train_step(encoder: SpeakerEncoder, scale: GE2EScale,
     """
     default = tf.distribute.get_strategy()
     strategy = strategy or default
-    n, m = config.N, config.M
+    n, m = training.N, training.M
     replicas = strategy.num_replicas_in_sync
     if (n * m) % replicas:
         raise ValueError(f"--N x --M = {n * m} utterances do not divide among the {replicas} "
-                         f"replicas of --distribute {config.distribute}")
+                         f"replicas of --distribute {training.distribute}")
     share = n * m // replicas
     variables = list(scale.trainable_variables) + list(encoder.trainable_variables)
     n_scale = len(scale.trainable_variables)
 
     def batch_loss(d_vectors):
         w, b = scale()
-        return model.ge2e_loss(tf.reshape(d_vectors, (n, m, -1)), w, b, config.loss)
+        return model.ge2e_loss(tf.reshape(d_vectors, (n, m, -1)), w, b, training.loss)
 
     def shared_loss_gradients(features):
         """Loss of the whole batch and this replica's gradient share, summed over replicas."""
@@ -101,14 +102,14 @@ def make_train_step(encoder: SpeakerEncoder, scale: GE2EScale,
     def replica_step(features):
         # One device skips the gather and reduce ops: they cost ~10 % of a small step.
         loss, grads = (loss_gradients if strategy is default else shared_loss_gradients)(features)
-        grads, norm = tf.clip_by_global_norm(grads, config.clip_norm)
+        grads, norm = tf.clip_by_global_norm(grads, training.clip_norm)
         grads = [0.01 * g for g in grads[:n_scale]] + list(grads[n_scale:])
         # Keras sums the gradients over the replicas once more before applying them.
         optimizer.apply_gradients(zip([g / replicas for g in grads] if replicas > 1 else grads,
                                       variables))
         return loss, norm
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, config.n_mels], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([None, None, n_mels], tf.float32)])
     def train_step(features):
         if strategy is default:
             return replica_step(features)
@@ -119,21 +120,24 @@ def make_train_step(encoder: SpeakerEncoder, scale: GE2EScale,
     return train_step
 
 
-def warm_start_checkpoint(config: argparse.Namespace) -> str:
+def warm_start_checkpoint(init_from: str, model_path: str, front: Features, network: Network
+                          ) -> str:
     """The latest checkpoint of --init_from's model, after checking that its network shape and
     log-mel features are this run's (TI-SV weights may start a TD-SV run)."""
-    source = Path(config.init_from)
-    if source.resolve() == Path(config.model_path).resolve():
+    source = Path(init_from)
+    if source.resolve() == Path(model_path).resolve():
         raise ValueError(f"--init_from {source} is --model_path itself; use --restore True to "
                          f"resume it, or train into another --model_path")
     if not (source / "config.json").exists():
         raise ValueError(f"--init_from {source}: no config.json; expected a trained model folder "
                          f"(like --model_path)")
     saved = configuration.load_config(source / "config.json")
-    for key in configuration.WEIGHT_KEYS:
-        if key in saved and saved[key] != getattr(config, key):
-            raise ValueError(f"--init_from {source}: its {key}={saved[key]} differs from this "
-                             f"run's --{key} {getattr(config, key)}")
+    for name, section in (("features", front), ("network", network)):
+        for key in configuration.fixed_fields(type(section), "weights"):
+            value = saved[name].get(key, getattr(section, key))
+            if value != getattr(section, key):
+                raise ValueError(f"--init_from {source}: its {key}={value} differs from this "
+                                 f"run's --{key} {getattr(section, key)}")
     path = tf.train.latest_checkpoint(source / "checkpoints")
     if path is None:
         raise ValueError(f"--init_from {source}: no checkpoint in {source / 'checkpoints'}")
@@ -150,35 +154,37 @@ def train(config: argparse.Namespace) -> dict:
     strategy = make_strategy(config.distribute)
     chief = is_chief(strategy)
     model_path = Path(config.model_path)
-    store = dataset.open_store(config.train_path, config, "train")
-    if config.N > store.num_speakers:
-        raise ValueError(f"--N {config.N} exceeds the {store.num_speakers} training speakers in "
-                         f"{config.train_path}")
-
-    init_checkpoint = None
+    front, network, training = config.features, config.network, config.training
+    init_from, init_checkpoint = config.init_from, None
     if config.restore:
         saved = configuration.load_config(model_path / "config.json")
         if config.init_from:
             print(f"--restore True resumes {model_path}'s own checkpoint; --init_from "
                   f"{config.init_from} is ignored")
-        config = configuration.merge_saved_config(config, saved)
+        front = configuration.from_saved(front, saved, config.explicit)
+        network = configuration.from_saved(network, saved, config.explicit)
+        training = configuration.from_saved(training, saved, config.explicit, ("resume",))
         # The record keeps the model's lineage: where its first weights came from.
-        config.init_from = saved.get("init_from", "")
+        init_from = saved["model"].get("init_from", "")
     elif config.init_from:
         # Checked before an earlier model is moved away, so a refused run changes nothing.
-        init_checkpoint = warm_start_checkpoint(config)
-        config = argparse.Namespace(**vars(config))
-        config.init_from = str(Path(config.init_from).resolve())
+        init_checkpoint = warm_start_checkpoint(config.init_from, config.model_path, front,
+                                                network)
+        init_from = str(Path(config.init_from).resolve())
+    store = dataset.open_store(config.train_path, front, "train")
+    if training.N > store.num_speakers:
+        raise ValueError(f"--N {training.N} exceeds the {store.num_speakers} training speakers in "
+                         f"{config.train_path}")
     if not config.restore and chief and (model_path / "checkpoints").exists():
         backup = model_path.with_name(f"{model_path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(model_path), str(backup))
         print(f"{model_path} held an earlier model; moved it to {backup} (use --restore True "
               f"to resume instead)")
 
-    _set_seeds(config.seed)
+    _set_seeds(training.seed)
     with strategy.scope():
-        encoder, scale = model.build_model(config)
-        optimizer = build_optimizer(config)
+        encoder, scale = model.build_model(network, front.n_mels)
+        optimizer = build_optimizer(training)
         optimizer.build(list(scale.trainable_variables) + list(encoder.trainable_variables))
     checkpoint = model.checkpoint_of(encoder, scale, optimizer)
     if config.restore:
@@ -194,30 +200,34 @@ def train(config: argparse.Namespace) -> dict:
     # Every worker takes part in saving (it may run collective ops); only the chief's is kept.
     save_dir = model_path / "checkpoints" if chief else Path(tempfile.mkdtemp(prefix="ge2e-"))
     manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=3)
+    if chief:
+        configuration.save_config(model_path / "config.json", front, network, training,
+                                  config.evaluation, config.data,
+                                  {"model_path": config.model_path, "init_from": init_from,
+                                   "comment": config.comment})
     try:
-        return _train_loop(config, store, strategy, chief, encoder, scale, optimizer, manager)
+        return _train_loop(training, front.n_mels, store, config.train_path, model_path,
+                           strategy, chief, encoder, scale, optimizer, manager)
     finally:
         if not chief:
             shutil.rmtree(save_dir, ignore_errors=True)
 
 
-def _train_loop(config, store, strategy, chief, encoder, scale, optimizer, manager) -> dict:
-    model_path = Path(config.model_path)
-    if chief:
-        configuration.save_config(config, model_path / "config.json")
+def _train_loop(training: Training, n_mels: int, store: dataset.SpeakerStore, train_path: str,
+                model_path: Path, strategy, chief, encoder, scale, optimizer, manager) -> dict:
     step = int(optimizer.iterations.numpy())
-    if step >= config.iteration:
-        print(f"already trained {step} steps (--iteration {config.iteration}); nothing to do")
+    if step >= training.iteration:
+        print(f"already trained {step} steps (--iteration {training.iteration}); nothing to do")
         return {"steps": step, "final_loss": float("nan"), "seconds": 0.0}
 
-    train_step = make_train_step(encoder, scale, optimizer, config, strategy)
-    batches = dataset.training_batches(store, config, start_step=step)
+    train_step = make_train_step(encoder, scale, optimizer, training, n_mels, strategy)
+    batches = dataset.training_batches(store, training, step, train_path)
     writer = (tf.summary.create_file_writer(str(model_path / "logs")) if chief
               else tf.summary.create_noop_writer())
     started = time.time()
     running = None
     losses = []
-    with writer.as_default(), tqdm(total=config.iteration, initial=step, unit="step",
+    with writer.as_default(), tqdm(total=training.iteration, initial=step, unit="step",
                                    desc="train", dynamic_ncols=True, disable=not chief) as bar:
         for features in batches:
             loss, norm = train_step(features)
@@ -234,15 +244,15 @@ def _train_loop(config, store, strategy, chief, encoder, scale, optimizer, manag
             running = loss if running is None else 0.95 * running + 0.05 * loss
             bar.update(1)
             bar.set_postfix(loss=f"{running:.3f}")
-            if step % config.log_every == 0 or step == config.iteration:
+            if step % training.log_every == 0 or step == training.iteration:
                 w, b = scale()
                 tf.summary.scalar("loss", loss, step=step)
                 tf.summary.scalar("w", w, step=step)
                 tf.summary.scalar("b", b, step=step)
                 tf.summary.scalar("lr", optimizer.learning_rate, step=step)
-            if step % config.save_every == 0 or step == config.iteration:
+            if step % training.save_every == 0 or step == training.iteration:
                 manager.save(checkpoint_number=step)
-            if step >= config.iteration:
+            if step >= training.iteration:
                 break
     seconds = time.time() - started
     if chief:

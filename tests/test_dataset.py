@@ -20,12 +20,12 @@ def _flag(flags, name):
 @pytest.mark.slow
 def test_batches_are_speaker_major_and_seeded_by_step(tiny_tisv, frames):
     config = configuration.parse_config(tiny_tisv + ["--N", "3", "--M", "4"] + frames)
-    store = dataset.open_store(config.train_path, config, "train")
-    first = dataset.sample_batch(store, config, step=7)
+    store = dataset.open_store(config.train_path, config.features, "train")
+    first = dataset.sample_batch(store, config.training, step=7)
     assert first.shape[0] == 12 and first.shape[2] == 40
     assert config.tisv_frame_min <= first.shape[1] <= config.tisv_frame
-    np.testing.assert_array_equal(first, dataset.sample_batch(store, config, step=7))
-    assert not np.array_equal(first, dataset.sample_batch(store, config, step=8))
+    np.testing.assert_array_equal(first, dataset.sample_batch(store, config.training, step=7))
+    assert not np.array_equal(first, dataset.sample_batch(store, config.training, step=8))
     # Every crop is a run of frames of one stored utterance (repeated cyclically if shorter).
     stored = [store.utterance(s, u) for s in store.speakers for u in range(store.num_utterances(s))]
 
@@ -42,8 +42,8 @@ def test_batches_are_speaker_major_and_seeded_by_step(tiny_tisv, frames):
 
 def test_several_train_folders_are_pooled(tiny_tisv):
     config = configuration.parse_config(tiny_tisv)
-    single = dataset.open_store(config.train_path, config, "train")
-    pooled = dataset.open_store(f"{config.train_path},{config.train_path}", config, "train")
+    single = dataset.open_store(config.train_path, config.features, "train")
+    pooled = dataset.open_store(f"{config.train_path},{config.train_path}", config.features, "train")
     assert pooled.num_speakers == 2 * single.num_speakers
     speaker = single.speakers[0]
     np.testing.assert_array_equal(pooled.utterance(f"1:{speaker}", 0), single.utterance(speaker, 0))
@@ -52,7 +52,7 @@ def test_several_train_folders_are_pooled(tiny_tisv):
 def test_mismatched_features_are_refused(tiny_tisv):
     config = configuration.parse_config(tiny_tisv + ["--n_mels", "64"])
     with pytest.raises(ValueError, match="n_mels=40 but --n_mels is 64"):
-        dataset.open_store(config.train_path, config, "train")
+        dataset.open_store(config.train_path, config.features, "train")
 
 
 def test_noise_from_clean_noisy_pairs_and_plain_recordings(tmp_path):
@@ -68,7 +68,7 @@ def test_noise_from_clean_noisy_pairs_and_plain_recordings(tmp_path):
     plain = 0.2 * rng.standard_normal(8000)
     sf.write(tmp_path / "b.wav", plain, 16000, subtype="FLOAT")
     config = configuration.parse_config(["--noise_path", str(tmp_path)])
-    stream, skipped = data_preprocess.build_noise(config)
+    stream, skipped = data_preprocess.build_noise(config.noise_path, config.noise_filenum, config.sr)
     assert skipped == []
     expected = np.concatenate([noise / np.sqrt(np.mean(noise ** 2)),
                                plain / np.sqrt(np.mean(plain ** 2))])
@@ -79,7 +79,7 @@ def test_training_reads_are_the_stored_rows_and_keep_no_file_open(tiny_tisv):
     """read_rows against plain slicing of the loaded array; sampling batches opens no memory
     map and leaves no file descriptor behind."""
     config = configuration.parse_config(tiny_tisv + ["--N", "4", "--M", "3"])
-    store = dataset.open_store(config.train_path, config, "train")
+    store = dataset.open_store(config.train_path, config.features, "train")
     rng = np.random.default_rng(0)
     for speaker in store.speakers[:3]:
         stored = np.load(store._files[speaker], allow_pickle=False)
@@ -94,7 +94,7 @@ def test_training_reads_are_the_stored_rows_and_keep_no_file_open(tiny_tisv):
         np.testing.assert_array_equal(places[0], stored[spans[0][0]:spans[0][1]])
     descriptors = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
     for step in range(6):
-        dataset.sample_batch(store, config, step)
+        dataset.sample_batch(store, config.training, step)
     assert not store._arrays
     if descriptors is not None:
         assert len(os.listdir("/proc/self/fd")) == descriptors
@@ -104,11 +104,11 @@ def test_evaluation_keeps_few_memory_maps_open(tiny_tisv, monkeypatch):
     """With at most 2 memory maps open (LRU), every speaker's test utterances are those of a
     reader that keeps every array open; utterance names come from the sidecars on demand."""
     config = configuration.parse_config(tiny_tisv)
-    everything = dataset.open_store(config.train_path, config, "train")
+    everything = dataset.open_store(config.train_path, config.features, "train")
     expected = [everything.test_utterances(s) for s in everything.speakers]
     assert len(everything._arrays) > 2
     monkeypatch.setattr(dataset, "OPEN_ARRAYS", 2)
-    bounded = dataset.open_store(config.train_path, config, "train")
+    bounded = dataset.open_store(config.train_path, config.features, "train")
     for speaker, utterances in zip(bounded.speakers, expected):
         for got, want in zip(bounded.test_utterances(speaker), utterances, strict=True):
             np.testing.assert_array_equal(got, want)
@@ -122,7 +122,7 @@ def test_a_feature_file_that_disagrees_with_its_sidecar_is_named(tiny_tisv, tmp_
     config = configuration.parse_config(tiny_tisv + ["--N", "2", "--M", "2"])
     copy = tmp_path / "train"
     shutil.copytree(config.train_path, copy)
-    store = dataset.open_store(str(copy), config, "train")
+    store = dataset.open_store(str(copy), config.features, "train")
     speaker = store.speakers[0]
     stored = np.load(copy / f"{speaker}.npy")
     np.save(copy / f"{speaker}.npy", stored[:-1])  # one frame fewer than the sidecar lists
@@ -131,26 +131,26 @@ def test_a_feature_file_that_disagrees_with_its_sidecar_is_named(tiny_tisv, tmp_
         store.read_rows(speaker, [(0, 1)])
     np.save(copy / f"{speaker}.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match=rf"{speaker}.npy: unreadable .*re-run data_preprocess"):
-        dataset.open_store(str(copy), config, "train").read_rows(speaker, [(0, 1)])
+        dataset.open_store(str(copy), config.features, "train").read_rows(speaker, [(0, 1)])
     np.save(copy / f"{speaker}.npy", stored)
     with open(copy / f"{speaker}.npy", "r+b") as handle:  # cut short after its header
         handle.truncate(200)
     with pytest.raises(ValueError, match=rf"{speaker}.npy: unreadable \(shorter than its header"):
-        dataset.open_store(str(copy), config, "train").read_rows(speaker, [(0, 50)])
+        dataset.open_store(str(copy), config.features, "train").read_rows(speaker, [(0, 50)])
 
 
 def test_source_weights_draw_each_batch_from_one_folder(tiny_tisv):
     config = configuration.parse_config(tiny_tisv + ["--N", "3"])
     paths = f"{config.train_path},{config.train_path}"
-    store = dataset.open_store(paths, config, "train")
+    store = dataset.open_store(paths, config.features, "train")
     half = store.num_speakers // 2
     assert [list(s) for s in store.sources] == [list(range(half)), list(range(half, 2 * half))]
     counts = {}
     for weights in ([1.0, 0.0], [0.0, 2.0], [1.0, 3.0]):
-        config.source_weights = weights
+        training = configuration.Training(N=3, source_weights=tuple(weights))
         sources = []
         for step in range(400):
-            speakers = dataset.batch_speakers(store, config, np.random.default_rng(step))
+            speakers = dataset.batch_speakers(store, training, np.random.default_rng(step))
             assert len(set(speakers)) == 3
             from_second = speakers >= half
             assert from_second.all() or not from_second.any(), speakers  # never mixed
@@ -163,13 +163,14 @@ def test_source_weights_draw_each_batch_from_one_folder(tiny_tisv):
 def test_source_weights_are_checked_against_the_folders(tiny_tisv):
     config = configuration.parse_config(tiny_tisv + ["--source_weights", "1", "1", "1"])
     paths = f"{config.train_path},{config.train_path}"
-    store = dataset.open_store(paths, config, "train")
-    config.train_path = paths
+    store = dataset.open_store(paths, config.features, "train")
     with pytest.raises(ValueError, match="3 weights for 2 --train_path folders"):
-        dataset.training_batches(store, config, 0)
-    config.source_weights, config.N = [1.0, 1.0], store.num_speakers // 2 + 1
-    with pytest.raises(ValueError, match=f"fewer than --N {config.N}"):
-        dataset.training_batches(store, config, 0)
+        dataset.training_batches(store, config.training, 0, paths)
+    too_many = store.num_speakers // 2 + 1
+    two = configuration.parse_config(tiny_tisv + ["--source_weights", "1", "1", "--N",
+                                                  str(too_many)])
+    with pytest.raises(ValueError, match=f"fewer than --N {too_many}"):
+        dataset.training_batches(store, two.training, 0, paths)
     with pytest.raises(SystemExit):
         configuration.parse_config(tiny_tisv + ["--source_weights", "0", "0"])
 
@@ -203,9 +204,9 @@ def test_spec_augment_flag_masks_the_same_batch(tiny_tisv):
     plain = configuration.parse_config(tiny_tisv + ["--N", "3", "--M", "4"])
     masked = configuration.parse_config(tiny_tisv + ["--N", "3", "--M", "4",
                                                      "--spec_augment", "5", "20"])
-    store = dataset.open_store(plain.train_path, plain, "train")
-    before = dataset.sample_batch(store, plain, step=3)
-    after = dataset.sample_batch(store, masked, step=3)
+    store = dataset.open_store(plain.train_path, plain.features, "train")
+    before = dataset.sample_batch(store, plain.training, step=3)
+    after = dataset.sample_batch(store, masked.training, step=3)
     changed = before != after
     assert changed.any()
     # The crops are those of the unmasked batch; only the masked cells differ.
@@ -216,7 +217,7 @@ def test_spec_augment_flag_masks_the_same_batch(tiny_tisv):
 def test_a_plus_joined_entry_is_one_multireader_source(tiny_tisv):
     config = configuration.parse_config(tiny_tisv)
     store = dataset.open_store(f"{config.train_path}+{config.train_path},{config.train_path}",
-                               config, "train")
+                               config.features, "train")
     third = store.num_speakers // 3
     assert [list(s) for s in store.sources] == [list(range(2 * third)),
                                                 list(range(2 * third, 3 * third))]

@@ -66,7 +66,7 @@ def tiny_tdsv(shared_data, tmp_path_factory) -> list[str]:
 
 
 def test_tf_log_mel_and_vad_match_features(shared_data):
-    config = configuration.parse_config([])
+    config = configuration.Features()
     for path in sorted((shared_data / "dspspeech20").rglob("*.flac"))[:3]:
         wav = features.load_audio(path, config.sr)
         reference = features.log_mel(wav, config)
@@ -82,7 +82,7 @@ def test_tf_log_mel_and_vad_match_features(shared_data):
 def test_tf_voiced_mask_of_a_zero_padded_prefix(shared_data):
     """A buffer holding n samples of audio and zeros after them: the VAD of wav[:n] exactly,
     also when n is a multiple of the hop (effects.split drops the frame starting at the end)."""
-    config = configuration.parse_config([])
+    config = configuration.Features()
     path = sorted((shared_data / "dspspeech20").rglob("*.flac"))[5]
     wav = features.load_audio(path, config.sr)
     buffer = np.zeros(len(wav) + 4000, np.float32)
@@ -96,7 +96,7 @@ def test_tf_voiced_mask_of_a_zero_padded_prefix(shared_data):
 
 
 def test_tf_phrase_keeps_the_frames_of_phrase_waveform(dsp_files):
-    config = configuration.parse_config(["--tdsv", "True"])
+    config = configuration.Features(tdsv=True)
     for path in dsp_files:
         wav = features.load_audio(path, config.sr)
         span = features.phrase_span(wav, config)
@@ -152,7 +152,7 @@ def test_tdsv_savedmodel_matches_in_process_on_real_recordings(tiny_tdsv, dsp_fi
     out = tmp_path / "exported"
     assert main.main(tiny_tdsv + ["--export", str(out)]) == 0
     trained = ge2e.DVectorModel(configuration.parse_config(tiny_tdsv))
-    config, expected = trained.config, trained.embed_files(dsp_files)
+    config, expected = trained.features, trained.embed_files(dsp_files)
     serve = tf.saved_model.load(str(out)).signatures["serving_default"]
     for path, reference in zip(dsp_files, expected):
         wav = features.load_audio(path, config.sr)
@@ -186,7 +186,8 @@ def _window_reference(embed, wav: np.ndarray, config) -> np.ndarray | None:
 @pytest.mark.slow
 def test_tflite_tisv_window_matches_in_process(tiny_tisv, tisv_tflite, litert):
     tmp_path = tisv_tflite
-    config, encoder = model.load_trained(configuration.parse_config(tiny_tisv))
+    parsed = configuration.parse_config(tiny_tisv)
+    config, _, encoder = model.load_trained(parsed.model_path, parsed.features, parsed.network)
     embed = model.make_embedder(encoder, config.n_mels)
     run = export.tflite_runner(tmp_path / "float" / "d_vector.tflite")
     run_int8 = export.tflite_runner(tmp_path / "int8" / "d_vector_int8.tflite")
@@ -222,7 +223,8 @@ def test_tflite_tisv_window_matches_in_process(tiny_tisv, tisv_tflite, litert):
 def test_tflite_utterance_signature_matches_in_process(tiny_tisv, tisv_tflite, litert):
     """The `utterance` signature reads a whole recording as the in-process path does: VAD over
     the recording, then windows of its voiced frames (not each window's own VAD)."""
-    config, encoder = model.load_trained(configuration.parse_config(tiny_tisv))
+    parsed = configuration.parse_config(tiny_tisv)
+    config, _, encoder = model.load_trained(parsed.model_path, parsed.features, parsed.network)
     embed = model.make_embedder(encoder, config.n_mels)
     run = export.tflite_runner(tisv_tflite / "float" / "d_vector.tflite", signature="utterance")
     run_int8 = export.tflite_runner(tisv_tflite / "int8" / "d_vector_int8.tflite",
@@ -254,7 +256,7 @@ def test_tflite_tdsv_matches_in_process_on_real_recordings(tiny_tdsv, dsp_files,
     assert main.main(flags) == 0
     assert main.main(flags + ["--quantize", "int8"]) == 0
     trained = ge2e.DVectorModel(configuration.parse_config(tiny_tdsv))
-    config, expected = trained.config, trained.embed_files(dsp_files)
+    config, expected = trained.features, trained.embed_files(dsp_files)
     run = export.tflite_runner(tmp_path / "d_vector.tflite")
     run_int8 = export.tflite_runner(tmp_path / "d_vector_int8.tflite")
     length = export.tflite_input_samples(config)

@@ -15,14 +15,14 @@ import configuration
 import data_preprocess
 import features
 
-CONFIG = configuration.parse_config([])
+CONFIG = configuration.Features()
 
 
 def reference_log_mel(wav: np.ndarray) -> np.ndarray:
     """The original recipe, written with librosa's stft."""
-    hop = features.hop_samples(CONFIG)
+    hop = CONFIG.hop_samples
     spectrum = librosa.stft(wav, n_fft=CONFIG.nfft, hop_length=hop,
-                            win_length=features.window_samples(CONFIG), center=True,
+                            win_length=CONFIG.window_samples, center=True,
                             pad_mode="constant")
     basis = librosa.filters.mel(sr=CONFIG.sr, n_fft=CONFIG.nfft, n_mels=CONFIG.n_mels)
     return np.swapaxes(np.log10(basis @ np.abs(spectrum) ** 2 + 1e-6), -1, -2)
@@ -30,7 +30,7 @@ def reference_log_mel(wav: np.ndarray) -> np.ndarray:
 
 def reference_voiced_features(wav: np.ndarray) -> np.ndarray:
     """Frames inside librosa.effects.split's intervals (sample intervals back to frames)."""
-    hop = features.hop_samples(CONFIG)
+    hop = CONFIG.hop_samples
     log_mel = reference_log_mel(wav)
     keep = np.zeros(len(log_mel), dtype=bool)
     for start, end in librosa.effects.split(wav, top_db=CONFIG.top_db, frame_length=CONFIG.nfft,
@@ -79,7 +79,7 @@ def test_voiced_features_of_real_recordings_equal_effects_split(shared_data):
     files = sorted((shared_data / "speechocean762").rglob("*.flac"))[::200]
     files += sorted((shared_data / "dspspeech20").rglob("*.flac"))[::300]
     files += sorted((shared_data / "fsdd").rglob("*.flac"))[::600]
-    config = configuration.parse_config(["--min_frames", "1"])  # short digits included
+    config = configuration.Features(min_frames=1)  # short digits included
     for file in files:
         wav = features.load_audio(file, CONFIG.sr)
         for cut in (wav, wav[:len(wav) // 160 * 160]):
@@ -106,7 +106,7 @@ def test_hann_window_equals_librosa(length):
 
 def reference_phrase_waveform(wav: np.ndarray, config) -> np.ndarray:
     """phrase_waveform with librosa.effects.trim finding the phrase."""
-    hop = features.hop_samples(config)
+    hop = config.hop_samples
     length = (config.tdsv_frame - 1) * hop
     _, (start, end) = librosa.effects.trim(wav, top_db=config.top_db, frame_length=config.nfft,
                                            hop_length=hop)
@@ -117,14 +117,14 @@ def reference_phrase_waveform(wav: np.ndarray, config) -> np.ndarray:
 
 @pytest.mark.parametrize("samples, seed", [(32000, 1), (32001, 2), (48160, 3), (7999, 4)])
 def test_phrase_waveform_equals_librosa_trim(samples, seed):
-    config = configuration.parse_config(["--min_frames", "1"])
+    config = configuration.Features(min_frames=1)
     wav = bursts(samples, seed)
     np.testing.assert_array_equal(features.phrase_waveform(wav, config),
                                   reference_phrase_waveform(wav, config))
 
 
 def test_phrase_waveform_of_real_recordings_equals_librosa_trim(shared_data):
-    config = configuration.parse_config(["--min_frames", "1"])
+    config = configuration.Features(min_frames=1)
     files = sorted((shared_data / "dspspeech20").rglob("*.flac"))[::40]
     files += sorted((shared_data / "fsdd").rglob("*.flac"))[::300]
     for file in files:
@@ -135,9 +135,9 @@ def test_phrase_waveform_of_real_recordings_equals_librosa_trim(shared_data):
 
 @pytest.mark.parametrize("samples, seed", [(32000, 1), (32001, 2), (48160, 3), (7999, 4)])
 def test_phrase_frames_count_the_librosa_trim_span(samples, seed):
-    config = configuration.parse_config(["--min_frames", "1"])
+    config = configuration.Features(min_frames=1)
     wav = bursts(samples, seed)
-    hop = features.hop_samples(config)
+    hop = config.hop_samples
     _, (start, end) = librosa.effects.trim(wav, top_db=config.top_db, frame_length=config.nfft,
                                            hop_length=hop)
     span = features.phrase_span(wav, config)
@@ -277,10 +277,22 @@ def _project_imports(path: Path) -> set[str]:
     return names & modules
 
 
+def _project_imports_of(node: ast.Import | ast.ImportFrom) -> set[str]:
+    modules = {p.stem for p in REPO.glob("*.py")}
+    names = {alias.name.split(".")[0] for alias in node.names}
+    if isinstance(node, ast.ImportFrom) and node.module:
+        names.add(node.module.split(".")[0])
+    return names & modules
+
+
 def test_features_sit_at_the_bottom_of_the_import_graph():
-    # features.py is audio in, features out: it needs no other module of the project, and no
-    # module reaches features through the preprocessing command line.
-    assert _project_imports(REPO / "features.py") == set()
+    # features.py is audio in, features out: it needs no other module of the project but the
+    # settings it takes (configuration.Features, whose module imports none at load time), and
+    # no module reaches features through the preprocessing command line.
+    assert _project_imports(REPO / "features.py") == {"configuration"}
+    top_level = ast.parse((REPO / "configuration.py").read_text()).body
+    assert not any(isinstance(node, (ast.Import, ast.ImportFrom))
+                   and _project_imports_of(node) for node in top_level)
     importers = {p.name for p in REPO.glob("*.py")
                  if "data_preprocess" in _project_imports(p) and p.name != "data_preprocess.py"}
     assert importers == set()

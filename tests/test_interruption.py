@@ -139,7 +139,7 @@ def test_kill_9_during_training_then_restore(tmp_path_factory, tmp_path, optim):
     resumed_flags = [f for f in flags if f not in ("--lr", "3e-3")]
     assert main.main(resumed_flags + ["--model_path", str(killed), "--restore", "True",
                                       "--iteration", str(target)]) == 0
-    assert configuration.load_config(killed / "config.json")["lr"] == 3e-3
+    assert configuration.load_config(killed / "config.json")["training"]["lr"] == 3e-3
 
     straight = tmp_path / "straight"
     training.train(configuration.parse_config(flags + ["--model_path", str(straight),

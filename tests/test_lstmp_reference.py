@@ -32,11 +32,16 @@ def _config(lstmp: str):
          "--lr_decay_every", "1000"])
 
 
+def _build(lstmp: str):
+    config = _config(lstmp)
+    return model.build_model(config.network, config.n_mels)
+
+
 def _twin_models(seed: int):
     """A kernel and a reference model holding the same random weights (bias included)."""
     rng = np.random.default_rng(seed)
-    kernel, kernel_scale = model.build_model(_config("kernel"))
-    reference, reference_scale = model.build_model(_config("reference"))
+    kernel, kernel_scale = _build("kernel")
+    reference, reference_scale = _build("reference")
     _randomise_encoder(kernel, rng, scale=0.5)
     reference.set_weights(kernel.get_weights())
     for scale in (kernel_scale, reference_scale):
@@ -129,11 +134,11 @@ def test_reference_and_kernel_agree_on_d_vectors_losses_and_every_gradient(maske
 @pytest.mark.parametrize("source, target", [("kernel", "reference"), ("reference", "kernel")])
 def test_checkpoints_are_interchangeable(tmp_path, source, target):
     rng = np.random.default_rng(2)
-    saved, saved_scale = model.build_model(_config(source))
+    saved, saved_scale = _build(source)
     _randomise_encoder(saved, rng, scale=0.5)
     saved_scale.w.assign(7.0)
     path = model.checkpoint_of(saved, saved_scale).save(str(tmp_path / "ckpt"))
-    restored, restored_scale = model.build_model(_config(target))
+    restored, restored_scale = _build(target)
     model.restore_checkpoint(model.checkpoint_of(restored, restored_scale), path)
     assert restored.lstmp == target and float(restored_scale.w.numpy()) == 7.0
     for a, b in zip(saved.get_weights(), restored.get_weights(), strict=True):
@@ -153,7 +158,8 @@ def test_training_step_through_the_reference_matches_the_kernel():
                                    ("reference", (reference, reference_scale))):
         config = _config(name)
         before = [v.numpy().copy() for v in encoder.trainable_variables]
-        step = training.make_train_step(encoder, scale, training.build_optimizer(config), config)
+        step = training.make_train_step(encoder, scale, training.build_optimizer(config.training),
+                                       config.training, config.n_mels)
         loss, norm = step(features)
         after = [v.numpy() for v in scale.trainable_variables + encoder.trainable_variables]
         assert all(np.max(np.abs(a - b)) > 1e-6
@@ -182,8 +188,8 @@ def test_the_kernel_refuses_cell_options_it_does_not_implement(monkeypatch):
 
     monkeypatch.setattr(model, "LSTMPCell", functools.partial(model.LSTMPCell, activation="relu"))
     with pytest.raises(ValueError, match="^--lstmp kernel implements only activation"):
-        model.build_model(_config("kernel"))
-    encoder, _ = model.build_model(_config("reference"))
+        _build("kernel")
+    encoder, _ = _build("reference")
     assert encoder.rnns[0].cell.get_config()["activation"] == "relu"
     with pytest.raises(ValueError, match="^--lstmp: expected 'kernel' or 'reference'"):
         model.SpeakerEncoder(8, 5, 3, lstmp="fused")
@@ -194,7 +200,7 @@ def test_reference_bf16_is_within_bfloat16_rounding():
     # As test_model_math's bf16 test: ~3e-3 from float64 at these sizes, fp32 stays at 1e-5.
     config = configuration.parse_config(["--hidden", "64", "--proj", "32", "--num_layer", "3",
                                          "--lstmp", "reference", "--precision", "bf16"])
-    encoder, _ = model.build_model(config)
+    encoder, _ = model.build_model(config.network, config.n_mels)
     rng = np.random.default_rng(8)
     _randomise_encoder(encoder, rng, scale=0.15)
     features = rng.normal(0.0, 1.0, (8, 40, 40)).astype(np.float32)

@@ -330,13 +330,14 @@ def test_train_step_update():
     loss, clip_norm, w0 = "contrast", 0.05, -4.0
     config = _small_config(loss, clip_norm)
     tf.keras.utils.set_random_seed(7)
-    encoder, scale = model.build_model(config)
+    encoder, scale = model.build_model(config.network, config.n_mels)
     rng = np.random.default_rng(7)
     _randomise_encoder(encoder, rng, scale=0.5)
     scale.w.assign(w0)
     scale.b.assign(-3.0)
-    optimizer = training.build_optimizer(config)
-    step = training.make_train_step(encoder, scale, optimizer, config)
+    optimizer = training.build_optimizer(config.training)
+    step = training.make_train_step(encoder, scale, optimizer, config.training,
+                                   config.n_mels)
     features = tf.constant(rng.normal(0.0, 1.0, (config.N * config.M, 6, config.n_mels)),
                            tf.float32)
 
@@ -478,13 +479,18 @@ def _sized_config(precision):
                                        "--optim", "sgd", "--lr", "0.05"])
 
 
+def _sized_build(precision: str):
+    config = _sized_config(precision)
+    return model.build_model(config.network, config.n_mels)
+
+
 @needs_bf16
 def test_bf16_forward_within_bfloat16_rounding_of_the_reference(tmp_path):
     # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2 % per operand); through
     # three layers of 40 frames the d-vector components (unit vector, |e_k| ~ 0.18) move by
     # ~3e-3 here; 2e-2 bounds that with margin, while fp32 stays at 1e-5.
     rng = np.random.default_rng(8)
-    fp32, _ = model.build_model(_sized_config("fp32"))
+    fp32, _ = _sized_build("fp32")
     _randomise_encoder(fp32, rng, scale=0.15)
     features = rng.normal(0.0, 1.0, (8, 40, 40)).astype(np.float32)
     expected = _numpy_lstmp_encoder(features, [_cell_weights(rnn) for rnn in fp32.rnns])
@@ -492,7 +498,7 @@ def test_bf16_forward_within_bfloat16_rounding_of_the_reference(tmp_path):
     scale = model.GE2EScale()
     scale.build()
     path = model.checkpoint_of(fp32, scale).save(str(tmp_path / "ckpt"))
-    bf16, bf16_scale = model.build_model(_sized_config("bf16"))
+    bf16, bf16_scale = _sized_build("bf16")
     model.restore_checkpoint(model.checkpoint_of(bf16, bf16_scale), path)
     assert all(v.dtype == "float32" for v in bf16.variables)
     for a, b in zip(fp32.get_weights(), bf16.get_weights(), strict=True):
@@ -511,9 +517,10 @@ def test_bf16_training_reduces_the_loss():
     config = _sized_config("bf16")
     keras_seed = 3
     tf.keras.utils.set_random_seed(keras_seed)
-    encoder, scale = model.build_model(config)
-    optimizer = training.build_optimizer(config)
-    step = training.make_train_step(encoder, scale, optimizer, config)
+    encoder, scale = model.build_model(config.network, config.n_mels)
+    optimizer = training.build_optimizer(config.training)
+    step = training.make_train_step(encoder, scale, optimizer, config.training,
+                                   config.n_mels)
     rng = np.random.default_rng(keras_seed)
     # Each speaker's utterances share a mean, so there is something to learn.
     speakers = rng.normal(0.0, 1.0, (config.N, 1, 1, config.n_mels))
@@ -533,8 +540,8 @@ def test_bf16_is_refused_on_a_cpu_without_it(tmp_path, monkeypatch):
     assert not model.bf16_supported(str(tmp_path / "missing"))
     monkeypatch.setattr(model, "bf16_supported", lambda: False)
     with pytest.raises(ValueError, match=r"^--precision bf16: this CPU has no bfloat16"):
-        model.build_model(_sized_config("bf16"))
-    model.build_model(_sized_config("fp32"))
+        _sized_build("bf16")
+    _sized_build("fp32")
 
 
 def test_fp32_frames_fuse_their_matmuls_only_without_avx512(tmp_path):

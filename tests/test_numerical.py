@@ -16,8 +16,8 @@ def poison_batches(monkeypatch, bad_step: int, value: float) -> None:
     """Batch bad_step (and every later one) carries a non-finite feature."""
     clean = dataset.sample_batch
 
-    def sample_batch(store, config, step):
-        batch = clean(store, config, step)
+    def sample_batch(store, training, step):
+        batch = clean(store, training, step)
         if step >= bad_step:
             batch[0, 0, 0] = value
         return batch

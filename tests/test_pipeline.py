@@ -126,9 +126,10 @@ def test_preprocess_fsdd_resamples_8k(shared_data, tmp_path):
 
 def test_checkpoint_restores_the_trained_weights(tiny_tisv):
     """Two restores agree with each other and not with a fresh initialisation."""
-    config, first = model.load_trained(configuration.parse_config(tiny_tisv))
-    _, second = model.load_trained(configuration.parse_config(tiny_tisv))
-    fresh, _ = model.build_model(config)
+    config = configuration.parse_config(tiny_tisv)
+    front, network, first = model.load_trained(config.model_path, config.features, config.network)
+    _, _, second = model.load_trained(config.model_path, config.features, config.network)
+    fresh, _ = model.build_model(network, front.n_mels)
     for a, b, c in zip(first.get_weights(), second.get_weights(), fresh.get_weights()):
         np.testing.assert_array_equal(a, b)
         if a.ndim == 2:

@@ -84,7 +84,7 @@ def test_ensemble_test_verify_and_mismatched_member(tiny_tisv, tmp_path, capsys)
     assert "--export takes one model" in capsys.readouterr().err
 
     saved = json.loads((member / "config.json").read_text())
-    saved["hop"] = 0.02
+    saved["features"]["hop"] = 0.02
     (member / "config.json").write_text(json.dumps(saved))
     assert main.main(flags + ["--train", "False", "--ensemble", str(member)]) == 2
     assert f"--ensemble {member}: its hop=0.02 differs" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def test_pickled_feature_file_is_refused(tmp_path_factory, tmp_path):
     copy = copy_split(train, tmp_path / "train")
     speaker = json.loads((copy / "manifest.json").read_text())["speakers"][0]
     np.save(copy / f"{speaker}.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    store = dataset.open_store(str(copy), configuration.parse_config(flags), "train")
+    store = dataset.open_store(str(copy), configuration.parse_config(flags).features, "train")
     with pytest.raises(ValueError, match=rf"{speaker}.npy: unreadable .*re-run data_preprocess"):
         store.array(speaker)
 

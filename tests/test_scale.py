@@ -49,7 +49,7 @@ def test_two_shards_then_merge_equal_one_run(tmp_path, capsys):
                                                  "--workers", "2"]) == 0
     assert not (shared / "train" / "manifest.json").exists()
     with pytest.raises(ValueError, match="--merge True"):
-        dataset.open_store(str(shared / "train"), configuration.parse_config([]), "train")
+        dataset.open_store(str(shared / "train"), configuration.Features(), "train")
     assert data_preprocess.main(flags(shared) + ["--shard", "0", "--num_shards", "2"]) == 0
     assert "merged into" in capsys.readouterr().out
     # Two machines with their own disks: copy the output together, then --merge True.
@@ -86,7 +86,7 @@ PAGE_FAULTS_OF_FEATURES = """
 import resource, sys
 import numpy as np
 import configuration, features
-config = configuration.parse_config([])
+config = configuration.Features()
 rng = np.random.default_rng(0)
 wavs = [0.1 * rng.standard_normal(int(16000 * s)).astype(np.float32) for s in rng.uniform(2, 8, 12)]
 if sys.argv[1] == "keep":

@@ -20,7 +20,8 @@ def _flag(flags: list[str], name: str) -> str:
 
 def _reference_weights(flags: list[str], model_path: str) -> list[np.ndarray]:
     """The source model's latest checkpoint, built and restored independently of train()."""
-    encoder, scale = model.build_model(configuration.parse_config(flags))
+    config = configuration.parse_config(flags)
+    encoder, scale = model.build_model(config.network, config.n_mels)
     path = tf.train.latest_checkpoint(Path(model_path) / "checkpoints")
     tf.train.Checkpoint(encoder=list(encoder.variables), scale=list(scale.variables)).restore(
         path).expect_partial()
@@ -34,11 +35,11 @@ def test_init_from_starts_at_the_source_weights_with_a_fresh_optimizer(
     seen = {}
     make_train_step = training.make_train_step
 
-    def spy(encoder, scale, optimizer, config, strategy=None):
+    def spy(encoder, scale, optimizer, settings, n_mels, strategy=None):
         # Called once the weights are in place and before the first step.
         seen["weights"] = encoder.get_weights() + scale.get_weights()
         seen["iterations"] = int(optimizer.iterations.numpy())
-        return make_train_step(encoder, scale, optimizer, config, strategy)
+        return make_train_step(encoder, scale, optimizer, settings, n_mels, strategy)
 
     monkeypatch.setattr(training, "make_train_step", spy)
     target = tmp_path / "warm"
@@ -55,7 +56,7 @@ def test_init_from_starts_at_the_source_weights_with_a_fresh_optimizer(
     source_ckpt = tf.train.latest_checkpoint(Path(source) / "checkpoints")
     assert f"initialised from {source_ckpt}" in capsys.readouterr().out
     saved = json.loads((target / "config.json").read_text())
-    assert saved["init_from"] == str(Path(source).resolve())
+    assert saved["model"]["init_from"] == str(Path(source).resolve())
 
     # --restore True resumes the run's own checkpoint: step 3 onwards, --init_from ignored.
     seen.clear()
@@ -64,7 +65,8 @@ def test_init_from_starts_at_the_source_weights_with_a_fresh_optimizer(
                  "--iteration", "4"]))
     assert seen["iterations"] == 3 and summary["steps"] == 4
     assert any(np.any(got != want) for got, want in zip(seen["weights"], expected))
-    assert json.loads((target / "config.json").read_text())["init_from"] == saved["init_from"]
+    resumed = json.loads((target / "config.json").read_text())
+    assert resumed["model"]["init_from"] == saved["model"]["init_from"]
 
 
 def test_init_from_a_model_of_another_shape_is_refused(tmp_path_factory, tmp_path, capsys):
@@ -96,12 +98,15 @@ def test_a_text_independent_model_may_start_a_text_dependent_run(tmp_path_factor
     td = configuration.parse_config(flags + ["--model_path", str(tmp_path / "td"), "--tdsv",
                                              "True", "--tdsv_frame", "120",
                                              "--init_from", str(source)])
-    assert training.warm_start_checkpoint(td) == tf.train.latest_checkpoint(source / "checkpoints")
+    checkpoint = training.warm_start_checkpoint(td.init_from, td.model_path, td.features,
+                                                td.network)
+    assert checkpoint == tf.train.latest_checkpoint(source / "checkpoints")
     other_features = configuration.parse_config(flags + ["--model_path", str(tmp_path / "m"),
                                                          "--n_mels", "32",
                                                          "--init_from", str(source)])
     try:
-        training.warm_start_checkpoint(other_features)
+        training.warm_start_checkpoint(other_features.init_from, other_features.model_path,
+                                       other_features.features, other_features.network)
     except ValueError as error:
         assert "n_mels=40 differs" in str(error)
     else:

@@ -80,7 +80,7 @@ def export_all(argv: list[str], folder: Path) -> dict[str, Path]:
         config = configuration.parse_config(argv + ["--export", str(folder / name), "--format",
                                                     kind, "--quantize", quantize])
         out = export.export(config)
-        paths[name] = out / export.tflite_name(config) if kind == "tflite" else out
+        paths[name] = out / export.tflite_name(quantize) if kind == "tflite" else out
     return paths
 
 
@@ -192,7 +192,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200, help="window latency calls per format")
     args = parser.parse_args()
     argv = ["--model_path", args.model_path, "--test_path", args.test_path]
-    config, encoder = model.load_trained(configuration.parse_config(argv))
+    parsed = configuration.parse_config(argv)
+    config, network, encoder = model.load_trained(parsed.model_path, parsed.features,
+                                                  parsed.network)
     length = export.tflite_input_samples(config)
     started, load_before = time.time(), load()
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as folder, \
@@ -238,9 +240,10 @@ def main() -> None:
                                                                   "after": load()},
         "model_path": relative(args.model_path), "test_path": relative(args.test_path),
         "mode": "TD-SV" if config.tdsv else "TI-SV",
-        "network": {"hidden": config.hidden, "proj": config.proj, "num_layer": config.num_layer},
+        "network": {"hidden": network.hidden, "proj": network.proj,
+                    "num_layer": network.num_layer},
         "window": {"samples": length, "seconds": length / config.sr,
-                   "frames": 1 + length // features.hop_samples(config)},
+                   "frames": 1 + length // config.hop_samples},
         "size_bytes": sizes, "latency_window_ms_median": per_window,
         "latency_window_rounds": args.rounds, "latency_file_ms": per_file,
         "eer_all_pairs": eers, "to_in_process": distance, "unusable": unusable,

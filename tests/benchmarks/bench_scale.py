@@ -59,8 +59,8 @@ def write_vox2_shaped(folder: Path, seed: int = 0) -> dict:
         return json.loads(manifest.read_text())
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    config = configuration.parse_config([])
-    settings = features.feature_settings(config)
+    front = configuration.Features()
+    settings = features.feature_settings(front)
     counts = rng.multinomial(VOX2["utterances"], np.full(VOX2["speakers"], 1 / VOX2["speakers"]))
     speakers = [f"id{s:05d}" for s in range(VOX2["speakers"])]
     frames = 0
@@ -70,7 +70,7 @@ def write_vox2_shaped(folder: Path, seed: int = 0) -> dict:
         frames += total
         # open_memmap seeks to the end and writes one byte: a sparse file of the full size.
         array = np.lib.format.open_memmap(folder / f"{speaker}.npy", mode="w+",
-                                          dtype=np.float32, shape=(total, config.n_mels))
+                                          dtype=np.float32, shape=(total, front.n_mels))
         del array
         names = [f"{speaker}/utt{u:05d}.wav" for u in range(count)]
         (folder / f"{speaker}.json").write_text(json.dumps(
@@ -102,12 +102,12 @@ def sample_part(store_path: str, batches: int) -> dict:
     if hasattr(os, "posix_fadvise"):
         drop_from_page_cache(Path(store_path))
     started = time.perf_counter()
-    store = dataset.open_store(store_path, config, "train")
+    store = dataset.open_store(store_path, config.features, "train")
     open_seconds = time.perf_counter() - started
     rss_index = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rates = []
     for _ in ("cold", "warm"):
-        iterator = iter(dataset.training_batches(store, config, start_step=0))
+        iterator = iter(dataset.training_batches(store, config.training, 0, store_path))
         for _ in range(10):  # tf.data's threads start, its autotuner settles
             next(iterator)
         started = time.perf_counter()
@@ -171,7 +171,7 @@ def bench_preprocessing(scratch: Path, audio: Path, speakers: int, repeats: int)
 def _per_file_work(files: list[Path]) -> None:
     """Preprocessing's per-file work (decode, VAD, log-mel) without start-up or writes."""
     data_preprocess._worker_start()  # as each --workers process starts
-    config = configuration.parse_config([])
+    config = configuration.Features()
     for file in files:
         features.voiced_features(features.load_audio(file, config.sr), config)
 

@@ -208,15 +208,17 @@ def bench_training(config_args, torch, quick: bool, peaks: dict, precisions: lis
         for precision in precisions:
             config = configuration.parse_config(config_args + ["--N", str(n), "--M", str(m),
                                                                "--precision", precision])
-            encoder, scale = model.build_model(config)
-            optimizer = training.build_optimizer(config)
-            step = training.make_train_step(encoder, scale, optimizer, config)
+            encoder, scale = model.build_model(config.network, config.n_mels)
+            optimizer = training.build_optimizer(config.training)
+            step = training.make_train_step(encoder, scale, optimizer, config.training,
+                                            config.n_mels)
             fns[precision] = lambda s=step, b=batch: float(s(b)[0])
         reference_config = configuration.parse_config(
             config_args + ["--N", str(n), "--M", str(m), "--lstmp", "reference"])
-        encoder, scale = model.build_model(reference_config)
-        step = training.make_train_step(encoder, scale, training.build_optimizer(reference_config),
-                                     reference_config)
+        encoder, scale = model.build_model(reference_config.network, reference_config.n_mels)
+        step = training.make_train_step(
+            encoder, scale, training.build_optimizer(reference_config.training),
+            reference_config.training, reference_config.n_mels)
         fns["reference"] = lambda s=step, b=batch: float(s(b)[0])
         if torch is not None:
             fns["peer"] = peer_train_step(torch, config, n, m, x)
@@ -262,10 +264,10 @@ def bench_embedding(config_args, torch, quick: bool, precisions: list, rows: lis
     fns_of = {}
     for precision in precisions:
         config = configuration.parse_config(config_args + ["--precision", precision])
-        encoder, _ = model.build_model(config)
+        encoder, _ = model.build_model(config.network, config.n_mels)
         fns_of[precision] = model.make_embedder(encoder, config.n_mels, config.window_frames)
     reference_config = configuration.parse_config(config_args + ["--lstmp", "reference"])
-    encoder, _ = model.build_model(reference_config)
+    encoder, _ = model.build_model(reference_config.network, reference_config.n_mels)
     fns_of["reference"] = model.make_embedder(encoder, config.n_mels, config.window_frames)
     peer = peer_embedder(torch, config) if torch is not None else None
     result["embedding"] = []
@@ -305,7 +307,7 @@ def bench_features(config_args, files: list[Path], rows: list, result: dict):
     features.keep_freed_memory()
     # warm up librosa/numba (first call compiles) on both paths before timing
     warm = features.load_audio(files[0], config.sr)
-    features.voiced_features(warm, config)
+    features.voiced_features(warm, config.features)
     librosa.load(files[0], sr=16000)
     basis = librosa.filters.mel(sr=16000, n_fft=512, n_mels=40)
 
@@ -323,7 +325,7 @@ def bench_features(config_args, files: list[Path], rows: list, result: dict):
 
     def project(path):
         try:
-            features.voiced_features(features.load_audio(path, config.sr), config)
+            features.voiced_features(features.load_audio(path, config.sr), config.features)
         except features.AudioError:  # too short / silent files still cost their time
             pass
 
@@ -331,7 +333,7 @@ def bench_features(config_args, files: list[Path], rows: list, result: dict):
     timed = interleaved_ms({
         "recipe": one_blas_thread(lambda: [recipe(f) for f in files]),
         "ours": one_blas_thread(lambda: [project(f) for f in files]),
-        "ours_threads": lambda: features.files_inference_features(files, config)},
+        "ours_threads": lambda: features.files_inference_features(files, config.features)},
         steps=5, warmup=0, budget=240)
     timings = {name: ms / 1000.0 / hours for name, ms in timed.items()}
     result["features"] = {
@@ -355,7 +357,7 @@ def bench_features(config_args, files: list[Path], rows: list, result: dict):
 def bench_pipeline(config_args, files: list[Path], rows: list, result: dict):
     """The path of `main.py --embed`: threaded features, then windowed d-vectors."""
     config = configuration.parse_config(config_args)
-    encoder, _ = model.build_model(config)
+    encoder, _ = model.build_model(config.network, config.n_mels)
     embed = model.make_embedder(encoder, config.n_mels, config.window_frames)
     for size in model.EMBED_BUCKETS:  # compile every bucket and the padded path first
         embed(np.zeros((size, config.window_frames, config.n_mels), np.float32))
@@ -364,7 +366,7 @@ def bench_pipeline(config_args, files: list[Path], rows: list, result: dict):
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        frames = [f for f in features.files_inference_features(files, config)
+        frames = [f for f in features.files_inference_features(files, config.features)
                   if not isinstance(f, features.AudioError)]
         vectors = model.utterance_d_vectors(embed, frames, config.window_frames)
         times.append(time.perf_counter() - start)

@@ -67,8 +67,9 @@ def profile_step(n: int, m: int, steps: int, scratch: Path) -> tuple[float, Coun
     config = configuration.parse_config(["--N", str(n), "--M", str(m)])
     x = np.random.default_rng(0).standard_normal((n * m, T, config.n_mels)).astype(np.float32)
     features = tf.constant(x)
-    encoder, scale = model.build_model(config)
-    step = training.make_train_step(encoder, scale, training.build_optimizer(config), config)
+    encoder, scale = model.build_model(config.network, config.n_mels)
+    step = training.make_train_step(encoder, scale, training.build_optimizer(config.training),
+                                    config.training, config.n_mels)
     for _ in range(2):
         float(step(features)[0])
     data = scratch / f"n{n}.data"
