@@ -74,7 +74,7 @@ def write_bad(folder: Path) -> None:
             (folder / "corrupt.flac").write_bytes(bytes(damaged))
         (folder / f"full.{suffix}").unlink()
     sf.write(folder / "silence.wav", np.zeros(SR, np.float32), SR, subtype="PCM_16")
-    sf.write(folder / "short.wav", speech_like(0.2, seed=8), SR, subtype="PCM_16")
+    sf.write(folder / "short.wav", speech_like(0.1, seed=8), SR, subtype="PCM_16")
     for name, value in (("nan.wav", np.nan), ("inf.wav", np.inf)):
         broken = wav.copy()
         broken[1000:1010] = value
