@@ -16,6 +16,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 SEED = 0  # one default seed for splits, batches, init and enrollment draws
+READY_MODEL = Path(__file__).resolve().parent / "pretrained"
+USE_COMMANDS = ("enroll", "verify", "identify", "pairs", "embed", "export", "cohort")
 
 
 def _setting(default, fixed: str = ""):
@@ -507,10 +509,23 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     if round(config.window * config.sr) > config.nfft:
         parser.error(f"--window {config.window}s is {round(config.window * config.sr)} samples, "
                      f"longer than --nfft {config.nfft}")
+    # The one rule for which model a command uses: the use commands take the ready model unless
+    # --model_path names another; training and --train False take --model_path.
+    if uses_the_ready_model(config):
+        config.model_path = str(READY_MODEL)
     # Each concern's settings as one frozen value: config.features, config.training, ...
     for name, kind in SECTIONS.items():
         setattr(config, name, _section(kind, config))
     return config
+
+
+def use_commands(config: argparse.Namespace) -> list[str]:
+    """The commands given that use a trained model on recordings (not training or testing)."""
+    return [name for name in USE_COMMANDS if getattr(config, name)]
+
+
+def uses_the_ready_model(config: argparse.Namespace) -> bool:
+    return bool(use_commands(config)) and "model_path" not in config.explicit
 
 
 def save_config(path: str | os.PathLike, features: Features, network: Network,

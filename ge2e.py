@@ -22,7 +22,6 @@ import numpy as np
 import utils
 from utils import speaker_model
 
-READY_MODEL = Path(__file__).resolve().parent / "pretrained"
 PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -52,7 +51,7 @@ def load_model(path: str | Path | None = None, checkpoint: int = 0,
     `checkpoint`; `ensemble` adds further models whose cosines are averaged with its own."""
     import configuration
 
-    folder = Path(READY_MODEL if path is None else path)
+    folder = Path(configuration.READY_MODEL if path is None else path)
     argv = ["--model_path", str(folder), "--model_num", str(checkpoint), "--lstmp", lstmp]
     if ensemble:
         argv += ["--ensemble", ",".join(str(p) for p in ensemble)]

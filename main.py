@@ -17,7 +17,6 @@ import ge2e
 import profiles
 import utils
 
-READY_MODEL = Path(__file__).resolve().parent / "pretrained"
 # TensorFlow's C++ start-up lines that bypass TF_CPP_MIN_LOG_LEVEL (absl logs them before its
 # level is read): info and warning records, the absl preamble, the CPU-feature guard's tail.
 STARTUP_NOISE = re.compile(r"^([IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] |WARNING: All log "
@@ -51,18 +50,12 @@ def import_tensorflow() -> types.ModuleType:
     return tf
 
 
-USE_COMMANDS = ("enroll", "verify", "identify", "pairs", "embed", "export", "cohort")
-
-
-def choose_model(config: argparse.Namespace) -> str:
-    """Apply the one rule for which model a command uses, and say which: training and
-    --train False use --model_path; the use commands use the ready model unless --model_path
-    names another."""
-    used = [c for c in USE_COMMANDS if getattr(config, c)]
-    if used and "model_path" not in config.explicit:
-        config.model_path = str(READY_MODEL)
-        return (f"model: the ready model {utils.record_path(READY_MODEL)} (--{used[0]} without "
-                f"--model_path; see its MODEL_CARD.md)")
+def model_line(config: argparse.Namespace) -> str:
+    """The line every run prints: the model it uses, by the rule parse_config applied."""
+    used = configuration.use_commands(config)
+    if configuration.uses_the_ready_model(config):
+        return (f"model: the ready model {utils.record_path(config.model_path)} (--{used[0]} "
+                f"without --model_path; see its MODEL_CARD.md)")
     if config.summarize:
         return ""
     action = "training into" if config.train and not used else "model:"
@@ -75,7 +68,7 @@ def _fail(message: str) -> None:
 
 def check_model(path: Path, flag: str = "--model_path") -> None:
     """A trained model folder: config.json and a checkpoint state file."""
-    ready = f"or use the ready model: --model_path {utils.record_path(READY_MODEL)}"
+    ready = f"or use the ready model: --model_path {utils.record_path(configuration.READY_MODEL)}"
     if not (path / "config.json").is_file():
         _fail(f"{flag} {path}: no trained model there (no config.json); train one with python "
               f"main.py --train True --model_path {path}, {ready}")
@@ -92,7 +85,7 @@ def check_inputs(config: argparse.Namespace) -> None:
                   f"of a `main.py --train False` run)")
     if config.summarize:
         return
-    training = config.train and not any(getattr(config, c) for c in USE_COMMANDS)
+    training = config.train and not configuration.use_commands(config)
     if training:
         for folder in re.split(r"[,+]", config.train_path):
             if not Path(folder).is_dir():
@@ -141,7 +134,7 @@ def check_inputs(config: argparse.Namespace) -> None:
             _fail(f"--audio_path {config.audio_path or '(empty)'}: not a folder")
         if not profiles.audio_files(Path(config.audio_path)):
             _fail(f"--audio_path {config.audio_path}: no audio files ({utils.AUDIO_TYPES})")
-    if not config.train and not any(getattr(config, c) for c in USE_COMMANDS):
+    if not config.train and not configuration.use_commands(config):
         if config.trials:
             if not Path(config.trials).is_file():
                 _fail(f"--trials {config.trials}: no such file")
@@ -155,7 +148,7 @@ def check_inputs(config: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = configuration.parse_config(argv)
-    said = choose_model(config)
+    said = model_line(config)
     if said:
         print(said)
     try:

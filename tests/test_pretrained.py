@@ -10,7 +10,7 @@ import configuration
 import data_preprocess
 import main
 
-READY = main.READY_MODEL
+READY = configuration.READY_MODEL
 
 
 @pytest.fixture()
@@ -20,7 +20,7 @@ def ready_copy(tmp_path, monkeypatch):
         pytest.fail(f"{READY} holds no ready model")
     copy = tmp_path / "pretrained"
     shutil.copytree(READY, copy, ignore=shutil.ignore_patterns("profiles"))
-    monkeypatch.setattr(main, "READY_MODEL", copy)
+    monkeypatch.setattr(configuration, "READY_MODEL", copy)
     monkeypatch.chdir(tmp_path)  # no ./tisv_model here
     return copy
 
@@ -35,15 +35,15 @@ def test_one_rule_for_which_model_a_command_uses(tmp_path, monkeypatch):
                     ["--enroll", "x", "--audio", "a.wav"], ["--pairs", "p.txt"],
                     ["--embed", "--audio_path", "d", "--out", "v.npz"], ["--export", "e"]):
         config = configuration.parse_config(command)
-        assert "the ready model" in main.choose_model(config)
+        assert "the ready model" in main.model_line(config)
         assert config.model_path == str(READY)
         named = configuration.parse_config(command + ["--model_path", "M"])
-        assert main.choose_model(named) == "model: M (--model_path)"
+        assert main.model_line(named) == "model: M (--model_path)"
         assert named.model_path == "M"
     for command, said in ((["--train", "True"], "training into ./tisv_model (--model_path)"),
                           (["--train", "False"], "model: ./tisv_model (--model_path)")):
         config = configuration.parse_config(command)
-        assert main.choose_model(config) == said
+        assert main.model_line(config) == said
         assert config.model_path == "./tisv_model"
 
 

@@ -193,7 +193,7 @@ def test_ready_model_identifies_unseen_dspspeech20_speakers(shared_data, tmp_pat
     on five takes of a word, probed with that word's other takes, against five speakers."""
     corpus = shared_data / "dspspeech20"
     ready = tmp_path / "pretrained"  # profiles are written beside the model: never into the repo
-    shutil.copytree(main.READY_MODEL, ready, ignore=shutil.ignore_patterns("profiles"))
+    shutil.copytree(configuration.READY_MODEL, ready, ignore=shutil.ignore_patterns("profiles"))
     saved = json.loads((ready / "config.json").read_text())
     tree = data_preprocess.find_utterances(corpus)
     _, unseen = data_preprocess.split_speakers(sorted(tree), saved["test_ratio"], saved["seed"])

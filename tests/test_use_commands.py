@@ -165,8 +165,8 @@ def test_readme_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
 
     synthetic_corpus.build(tmp_path / "data" / "synthetic", sr=16000, seed=0)
     copy = tmp_path / "ready"
-    shutil.copytree(ge2e.READY_MODEL, copy, ignore=shutil.ignore_patterns("profiles"))
-    monkeypatch.setattr(ge2e, "READY_MODEL", copy)
+    shutil.copytree(configuration.READY_MODEL, copy, ignore=shutil.ignore_patterns("profiles"))
+    monkeypatch.setattr(configuration, "READY_MODEL", copy)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(_readme_block("## Python API"), namespace)
