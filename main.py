@@ -164,16 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     import training
 
     try:
-        if config.enroll:
-            profiles.enroll(config)
-        elif config.verify:
-            profiles.verify(config)
-        elif config.identify:
-            profiles.identify(config)
-        elif config.pairs:
-            profiles.verify_pairs(config)
-        elif config.embed:
-            profiles.embed_folder(config)
+        if config.enroll or config.verify or config.identify or config.pairs or config.embed:
+            profiles.run(config)
         elif config.export:
             export.export(config)
         elif config.cohort:

@@ -1,5 +1,6 @@
 """The commands that use a trained model on recordings: enroll, verify, identify, verify a list of
-pairs, embed a folder. Each is a thin printer over the Python API (ge2e.py)."""
+pairs, embed a folder. Each is a thin printer over the Python API (ge2e.py); run() picks the one
+the command line names."""
 
 from __future__ import annotations
 
@@ -28,13 +29,27 @@ def threshold_for(model: ge2e.DVectorModel, threshold: float | None, threshold_f
     return model.threshold, model.threshold_source
 
 
-def enroll(config: argparse.Namespace) -> str:
-    """Embed --audio files and store (or extend with --extend True) the speaker's profile."""
+def run(config: argparse.Namespace) -> None:
+    """Load the model once and run the use command given: --enroll, --verify, --pairs,
+    --identify or --embed."""
     model = ge2e.DVectorModel(config)
-    action = model.enroll(config.enroll, config.audio, extend=config.extend)
-    files = len(model.profile(config.enroll))
-    print(f"{action} {config.enroll!r} with {files} file(s) -> "
-          f"{utils.record_path(model.profiles_path / (config.enroll + '.json'))}")
+    if config.enroll:
+        enroll(model, config.enroll, config.audio, config.extend)
+    elif config.embed:
+        embed_folder(model, Path(config.audio_path), Path(config.out))
+    elif config.identify:
+        identify(model, config.audio)
+    else:
+        pairs = (read_pairs(config.pairs) if config.pairs
+                 else [(config.verify, probe) for probe in config.audio])
+        verify_pairs(model, threshold_for(model, config.threshold, config.threshold_from), pairs)
+
+
+def enroll(model: ge2e.DVectorModel, name: str, audio: list[str], extend: bool) -> str:
+    """Embed the files and store (or extend) the speaker's profile."""
+    action = model.enroll(name, audio, extend=extend)
+    print(f"{action} {name!r} with {len(model.profile(name))} file(s) -> "
+          f"{utils.record_path(model.profiles_path / (name + '.json'))}")
     return action
 
 
@@ -62,25 +77,13 @@ def _summary(decisions: list[ge2e.Decision], skipped: int, seconds: float) -> st
             f"rejected; {skipped} skipped; {len(decisions) / seconds:.1f} probes/s")
 
 
-def verify(config: argparse.Namespace) -> list[ge2e.Decision]:
-    """Score each --audio file against the --verify profile: one line each, then a summary."""
-    model = ge2e.DVectorModel(config)
-    return _verify_pairs(model, threshold_for(model, config.threshold, config.threshold_from),
-                         [(config.verify, probe) for probe in config.audio])
-
-
-def verify_pairs(config: argparse.Namespace) -> list[ge2e.Decision]:
-    """Score every 'NAME audio_path' line of --pairs: one line each, then a summary."""
-    pairs = read_pairs(config.pairs)
-    model = ge2e.DVectorModel(config)
-    return _verify_pairs(model, threshold_for(model, config.threshold, config.threshold_from),
-                         pairs)
-
-
-def _verify_pairs(model: ge2e.DVectorModel, decided: tuple[float, str],
-                  pairs: list[tuple[str, str]]) -> list[ge2e.Decision]:
+def verify_pairs(model: ge2e.DVectorModel, decided: tuple[float, str],
+                 pairs: list[tuple[str, str]]) -> list[ge2e.Decision]:
+    """Score each (profile, probe) pair at the threshold decided: one line each (after the
+    threshold's source), then a summary when there are several."""
     threshold, source = decided
-    speakers = {name: ge2e.speaker_model(model.profile(name)) for name in sorted({n for n, _ in pairs})}
+    speakers = {name: ge2e.speaker_model(model.profile(name))
+                for name in sorted({n for n, _ in pairs})}
     started = time.perf_counter()
     vectors = _embed_probes(model, [probe for _, probe in pairs])
     short = source.split(":")[0]
@@ -116,27 +119,25 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def identify(config: argparse.Namespace) -> dict[str, list[tuple[str, float]]]:
-    """Rank every enrolled profile against each --audio file (the whole ranking for one file,
-    the best three for several), then a summary."""
-    model = ge2e.DVectorModel(config)
+def identify(model: ge2e.DVectorModel, audio: list[str]) -> dict[str, list[tuple[str, float]]]:
+    """Rank every enrolled profile against each file (the whole ranking for one file, the best
+    three for several), then a summary."""
     if not model.profile_names():
         raise ValueError(f"no profiles in {model.profiles_path}; enroll speakers first "
                          f"(--enroll NAME)")
     started = time.perf_counter()
-    vectors = _embed_probes(model, config.audio)
-    rankings = {probe: model.identify(vectors[probe]) for probe in config.audio
-                if probe in vectors}
+    vectors = _embed_probes(model, audio)
+    rankings = {probe: model.identify(vectors[probe]) for probe in audio if probe in vectors}
     for probe, ranking in rankings.items():
-        if len(config.audio) == 1:
+        if len(audio) == 1:
             print(f"{probe}:")
             for rank, (name, score) in enumerate(ranking, 1):
                 print(f"  {rank}. {name:20s} {score:.4f}")
         else:
             print(f"{probe}: " + ", ".join(f"{rank}. {name} {score:.4f}"
                                             for rank, (name, score) in enumerate(ranking[:3], 1)))
-    if len(config.audio) > 1:
-        print(f"{len(rankings)} identified; {len(config.audio) - len(rankings)} skipped; "
+    if len(audio) > 1:
+        print(f"{len(rankings)} identified; {len(audio) - len(rankings)} skipped; "
               f"{len(rankings) / (time.perf_counter() - started):.1f} probes/s")
     return rankings
 
@@ -149,17 +150,14 @@ def audio_files(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def embed_folder(config: argparse.Namespace) -> Path:
-    """d-vectors of every audio file under --audio_path, saved with relative paths to --out."""
-    model = ge2e.DVectorModel(config)
-    root = Path(config.audio_path)
+def embed_folder(model: ge2e.DVectorModel, root: Path, out: Path) -> Path:
+    """d-vectors of every audio file under root, saved with their relative paths to out (.npz)."""
     files = audio_files(root)
     vectors, errors = model.embed_files_or_errors(files)
     if not vectors:
         path, reason = next(iter(errors.items()))
         raise ValueError(f"--audio_path {root}: no usable audio ({path}: {reason})")
     names = [f for f in map(str, files) if f in vectors]
-    out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     utils.atomic_save_npz(out, paths=np.array([Path(n).relative_to(root).as_posix() for n in names],
                                               dtype=str),
