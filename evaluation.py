@@ -9,11 +9,11 @@ import numpy as np
 from tqdm import tqdm
 
 import dataset
-import features
+import ge2e
 import model
 import plots
 import utils
-from configuration import Evaluation, Features
+from configuration import Evaluation
 
 P_TARGETS = (0.01, 0.05)
 RECORD = "evaluation.json"  # a test's metrics and thresholds; this module alone reads and writes it
@@ -78,24 +78,21 @@ def _check_weights(saved: dict, path: Path, fingerprint: str, ensemble: bool) ->
                          f"main.py --train False with it first or pass --threshold")
 
 
-def embed_store(embed, store: dataset.SpeakerStore, window: int, desc: str
+def embed_store(trained: ge2e.DVectorModel, store: dataset.SpeakerStore, desc: str
                 ) -> dict[str, np.ndarray]:
     """Utterance d-vectors [U,P] of every speaker of a preprocessed split."""
-    return {speaker: model.utterance_d_vectors(embed, store.test_utterances(speaker), window)
+    return {speaker: trained.embed_features(store.test_utterances(speaker))
             for speaker in tqdm(store.speakers, desc=desc, unit="speaker", dynamic_ncols=True)}
 
 
-def embed_files(embed, root: Path, names: list[str], front: Features
+def embed_files(trained: ge2e.DVectorModel, root: Path, names: list[str]
                 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Utterance d-vectors of audio files under root, by relative name, and why each unusable
     file (missing, unreadable, silent, too short) was skipped."""
-    paths = [root / name for name in names]
-    results = features.files_inference_features(paths, front)
-    usable = {n: r for n, r in zip(names, results) if not isinstance(r, features.AudioError)}
-    skipped = {n: str(r) for n, r in zip(names, results) if isinstance(r, features.AudioError)}
-    vectors = model.utterance_d_vectors(embed, list(usable.values()), front.window_frames
-                                        ) if usable else []
-    return dict(zip(usable, vectors)), skipped
+    name_of = {str(root / name): name for name in names}
+    vectors, errors = trained.embed_files_or_errors(list(name_of))
+    return ({name_of[p]: v for p, v in vectors.items()},
+            {name_of[p]: reason for p, reason in errors.items()})
 
 
 def skip_report(skipped: dict[str, str], trials: int, dropped: int) -> str:
@@ -177,20 +174,20 @@ def threshold_record(threshold: float, eer: float, scored: str) -> dict:
             "threshold_source": f"EER threshold of {scored}, EER {100 * eer:.2f} %"}
 
 
-def cohort_models(embed, front: Features, train_path: str, typed: bool, model_path: str,
-                  fingerprint: str) -> np.ndarray | None:
+def cohort_models(trained: ge2e.DVectorModel, train_path: str, typed: bool
+                  ) -> np.ndarray | None:
     """The AS-norm cohort, one speaker model per training speaker: of train_path when the user
     typed it, else the one shipped with the model (cohort.npz), else of train_path; None when
     there is none."""
-    shipped = Path(model_path) / COHORT
+    shipped = trained.path / COHORT
     if not typed and shipped.is_file():
-        return read_cohort(shipped, fingerprint)
+        return read_cohort(shipped, trained.fingerprint)
     try:
-        store = dataset.open_store(train_path, front, "train")
+        store = dataset.open_store(train_path, trained.features, "train")
     except ValueError as error:
         print(f"AS-norm skipped: no training speakers for the cohort ({error})")
         return None
-    vectors = embed_store(embed, store, front.window_frames, "cohort")
+    vectors = embed_store(trained, store, "cohort")
     return np.stack([utils.speaker_model(v) for v in vectors.values()])
 
 
@@ -205,16 +202,14 @@ def read_cohort(path: Path, fingerprint: str) -> np.ndarray:
 
 def write_cohort(config: argparse.Namespace) -> Path:
     """--cohort: embed every --train_path speaker and ship the speaker models with the model."""
-    front, _, encoder = model.load_trained(config.model_path, config.features, config.network,
-                                           config.explicit, config.model_num, config.ensemble)
-    embed = model.make_embedder(encoder, front.n_mels, front.window_frames)
-    store = dataset.open_store(config.train_path, front, "train")
-    vectors = embed_store(embed, store, front.window_frames, "cohort")
-    path = Path(config.model_path) / COHORT
+    trained = ge2e.DVectorModel(config)
+    store = dataset.open_store(config.train_path, trained.features, "train")
+    vectors = embed_store(trained, store, "cohort")
+    path = trained.path / COHORT
     utils.atomic_save_npz(path, speaker_models=np.stack([utils.speaker_model(v)
                                                           for v in vectors.values()]),
                           speakers=np.array(list(vectors), dtype=str),
-                          model=np.array(model.model_fingerprint(encoder)))
+                          model=np.array(trained.fingerprint))
     print(f"AS-norm cohort: {len(vectors)} speaker models of {config.train_path} -> {path}")
     return path
 
@@ -228,14 +223,13 @@ def write_scores(path: Path, trials, scores: np.ndarray) -> None:
 
 def test(config: argparse.Namespace) -> dict:
     """Evaluate a trained model: similarity-matrix draws, trial scoring, AS-norm, figures."""
-    front, _, encoder = model.load_trained(config.model_path, config.features, config.network,
-                                           config.explicit, config.model_num, config.ensemble)
-    embed = model.make_embedder(encoder, front.n_mels, front.window_frames)
+    trained = ge2e.DVectorModel(config)
+    front = trained.features
     mode = "TD-SV" if front.tdsv else "TI-SV"
     model_path = Path(config.model_path)
     results = Path(config.results_path or model_path / "results")
     summary: dict = {"mode": mode, "models": model.model_paths(config.model_path, config.ensemble),
-                     "model": model.model_fingerprint(encoder)}
+                     "model": trained.fingerprint}
 
     if config.trials:
         if results.resolve() == model_path.resolve():
@@ -246,7 +240,7 @@ def test(config: argparse.Namespace) -> dict:
         if not config.audio_path:
             raise ValueError("--trials needs --audio_path, the folder its paths are relative to")
         names = sorted({name for _, a, b in trials for name in (a, b)})
-        vectors, skipped = embed_files(embed, Path(config.audio_path), names, front)
+        vectors, skipped = embed_files(trained, Path(config.audio_path), names)
         listed = len(trials)
         trials = [t for t in trials if t[1] in vectors and t[2] in vectors]
         if skipped:
@@ -258,7 +252,7 @@ def test(config: argparse.Namespace) -> dict:
         origin = f"from {config.trials}"
     else:
         store = dataset.open_store(config.test_path, front, "test")
-        by_speaker = embed_store(embed, store, front.window_frames, "embed")
+        by_speaker = embed_store(trained, store, "embed")
         draws = similarity_matrix_test(by_speaker, config.evaluation)
         first = draws["first"]
         print(f"{mode} similarity-matrix test: EER {100 * draws['eer_mean']:.2f}% +/- "
@@ -299,8 +293,7 @@ def test(config: argparse.Namespace) -> dict:
     write_scores(results / "scores.txt", trials, raw)
     summary["raw"] = raw_metrics
 
-    cohort = cohort_models(embed, front, config.train_path, "train_path" in config.explicit,
-                           config.model_path, summary["model"])
+    cohort = cohort_models(trained, config.train_path, "train_path" in config.explicit)
     if cohort is not None:
         cohort_scores = matrix @ cohort.T
         normed = utils.as_norm(raw, cohort_scores[enrol], cohort_scores[probe],

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 import evaluation
 import features
+import ge2e
 import model
 import utils
 from configuration import Features, Network
@@ -279,12 +280,10 @@ def export(config: argparse.Namespace) -> Path:
     """Write the SavedModel or the TFLite model to --export, with its metadata."""
     if config.ensemble:
         raise ValueError("--export takes one model; drop --ensemble")
-    front, network, encoder = model.load_trained(config.model_path, config.features,
-                                                 config.network, config.explicit,
-                                                 config.model_num)
-    metadata = export_metadata(front, network, config.model_path,
-                               model.model_fingerprint(encoder), config.threshold,
-                               config.threshold_from)
+    trained = ge2e.DVectorModel(config)
+    front, network, encoder = trained.features, trained.network, trained.encoder
+    metadata = export_metadata(front, network, config.model_path, trained.fingerprint,
+                               config.threshold, config.threshold_from)
     out = Path(config.export)
     if config.format == "tflite":
         path = export_tflite(encoder, front, config.quantize, out)

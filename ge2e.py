@@ -66,12 +66,12 @@ class DVectorModel:
         import evaluation
         import model
 
-        self.features, self.network, self._encoder = model.load_trained(
+        self.features, self.network, self.encoder = model.load_trained(
             config.model_path, config.features, config.network, config.explicit,
             config.model_num, config.ensemble)
         self.path = Path(config.model_path)
-        self.fingerprint = model.model_fingerprint(self._encoder)
-        self._embed = model.make_embedder(self._encoder, self.features.n_mels,
+        self.fingerprint = model.model_fingerprint(self.encoder)
+        self._embed = model.make_embedder(self.encoder, self.features.n_mels,
                                           self.features.window_frames)
         self.threshold, self.threshold_source = evaluation.operating_threshold(
             self.path, self.fingerprint, ensemble=bool(config.ensemble))

@@ -47,6 +47,7 @@ def evaluated(tiny_tisv, tmp_path, capsys):
     return flags, root
 
 
+@pytest.mark.slow
 def test_other_trial_list_never_moves_the_operating_threshold(evaluated, tmp_path, capsys):
     flags, root = evaluated
     model_path = Path(_flag(flags, "--model_path"))

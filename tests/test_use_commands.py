@@ -215,6 +215,7 @@ def test_quick_start_leaves_the_checkout_clean(tmp_path):
     assert status == "", status
 
 
+@pytest.mark.slow
 def test_shipped_cohort_gives_the_as_norm_of_the_training_speakers(tiny_tisv, tmp_path, capsys):
     """--cohort ships the training speakers' models beside the model; a test without --train_path
     then normalises with them exactly as with --train_path; other weights' cohort is refused."""
