@@ -18,6 +18,10 @@ T = TypeVar("T")
 SEED = 0  # one default seed for splits, batches, init and enrollment draws
 READY_MODEL = Path(__file__).resolve().parent / "pretrained"
 USE_COMMANDS = ("enroll", "verify", "identify", "pairs", "embed", "export", "cohort")
+# The use commands that take the ready model when no --model_path is typed; --cohort writes into
+# the model's folder, so it always names it.
+READY_MODEL_COMMANDS = ("enroll", "verify", "identify", "pairs", "embed", "export")
+LSTMP_PATHS = ("kernel", "reference")
 
 
 def _setting(default, fixed: str = ""):
@@ -343,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--precision", type=str, default=Network.precision, choices=("fp32", "bf16"),
                        help="matmul precision for training and embedding: fp32, or bf16 on "
                             "the CPU's matrix units (variables, cell state and loss stay fp32)")
-    model.add_argument("--lstmp", type=str, default=Network.lstmp, choices=("kernel", "reference"),
+    model.add_argument("--lstmp", type=str, default=Network.lstmp, choices=LSTMP_PATHS,
                        help="LSTMP implementation: the fast wavefront kernel (hand-written "
                             "backpropagation) or the readable reference (Keras layer, autodiff); "
                             "same weights and checkpoints")
@@ -500,6 +504,10 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
                      f"{config.augment_snr_db[1]}")
     if config.threshold is not None and config.threshold_from:
         parser.error("use one of --threshold and --threshold_from")
+    if config.cohort and "model_path" not in config.explicit:
+        parser.error("--cohort writes <model_path>/cohort.npz: name the model with --model_path")
+    if config.export and config.ensemble:
+        parser.error("--export takes one model; drop --ensemble")
     if config.quantize != "none" and config.format != "tflite":
         parser.error("--quantize needs --format tflite")
     if config.M < 2:
@@ -525,7 +533,8 @@ def use_commands(config: argparse.Namespace) -> list[str]:
 
 
 def uses_the_ready_model(config: argparse.Namespace) -> bool:
-    return bool(use_commands(config)) and "model_path" not in config.explicit
+    return ("model_path" not in config.explicit
+            and any(getattr(config, name) for name in READY_MODEL_COMMANDS))
 
 
 def save_config(path: str | os.PathLike, features: Features, network: Network,

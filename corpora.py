@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import features
+import utils
 
 CV_TSV = "validated.tsv"  # Common Voice's list of validated clips, one per language
 SPEAKER_NAME_LENGTH = 16  # characters of a client_id kept as the speaker name
@@ -107,12 +107,12 @@ def find_utterances(root: str | Path) -> dict[str, list[str]]:
         speaker = relative.split(os.sep, 1)[0]
         prefix = relative.replace(os.sep, "/") + "/"
         for name in names:
-            if (os.path.splitext(name)[1].lower() in features.AUDIO_EXTENSIONS
+            if (os.path.splitext(name)[1].lower() in utils.AUDIO_EXTENSIONS
                     and os.path.isfile(os.path.join(folder, name))):
                 tree.setdefault(speaker, []).append(prefix + name)
     if not tree:
         raise FileNotFoundError(f"--audio_path {root}: no <speaker>/**/<file> audio files "
-                                f"({', '.join(features.AUDIO_EXTENSIONS)}), no Common Voice "
+                                f"({', '.join(utils.AUDIO_EXTENSIONS)}), no Common Voice "
                                 f"<lang>/{CV_TSV} and no Speech Commands "
                                 f"<word>/<speaker>_nohash_<n> clips")
     return {speaker: sorted(paths) for speaker, paths in sorted(tree.items())}
@@ -214,7 +214,7 @@ def read_speechcommands(root: Path, folders: list[Path]) -> Corpus:
         try:
             with os.scandir(folder) as entries:
                 names = sorted(e.name for e in entries if e.is_file() and os.path.splitext(
-                    e.name)[1].lower() in features.AUDIO_EXTENSIONS)
+                    e.name)[1].lower() in utils.AUDIO_EXTENSIONS)
         except OSError:  # unlistable, as os.walk takes it in the plain tree: no clips
             continue
         for name in names:

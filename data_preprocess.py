@@ -319,10 +319,10 @@ def skip_summary(skipped: list[dict]) -> str:
 def find_noise_files(noise_path: str | Path) -> list[tuple[Path, Path | None]]:
     """(noise or noisy file, clean partner or None) for every audio file under noise_path."""
     files = sorted(p for p in Path(noise_path).rglob("*")
-                   if p.suffix.lower() in features.AUDIO_EXTENSIONS and p.is_file())
+                   if p.suffix.lower() in utils.AUDIO_EXTENSIONS and p.is_file())
     if not files:
         raise FileNotFoundError(f"--noise_path {noise_path}: no audio files "
-                                f"({', '.join(features.AUDIO_EXTENSIONS)})")
+                                f"({', '.join(utils.AUDIO_EXTENSIONS)})")
     by_name = {p.name: p for p in files}
     found = []
     for path in files:
@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{Path(path) / 'manifest.json'}")
             return 0
         summary = preprocess(config)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, RuntimeError) as error:  # RuntimeError: a worker died
         print(f"error: {error}", file=sys.stderr)
         return 2
     for split in ("train", "test"):

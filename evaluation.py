@@ -11,7 +11,6 @@ from tqdm import tqdm
 import dataset
 import ge2e
 import model
-import plots
 import utils
 from configuration import Evaluation
 
@@ -223,6 +222,8 @@ def write_scores(path: Path, trials, scores: np.ndarray) -> None:
 
 def test(config: argparse.Namespace) -> dict:
     """Evaluate a trained model: similarity-matrix draws, trial scoring, AS-norm, figures."""
+    import plots  # matplotlib: only a test draws figures, not the model loads that read records
+
     trained = ge2e.DVectorModel(config)
     front = trained.features
     mode = "TD-SV" if front.tdsv else "TI-SV"

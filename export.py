@@ -18,7 +18,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import evaluation
 import features
 import ge2e
 import model
@@ -226,16 +225,10 @@ class WindowModule(tf.Module):
 
 
 def export_metadata(front: Features, network: Network, model_path: str, fingerprint: str,
-                    threshold: float | None, threshold_from: str) -> dict:
-    """What a deployment needs beside the graph: the operating threshold (--threshold, else
-    --threshold_from's, else the model's) and its source, the model's fingerprint and its
-    feature settings."""
-    if threshold is not None:
-        source = "--threshold"
-    elif threshold_from:
-        threshold, source = evaluation.threshold_from(threshold_from, fingerprint)
-    else:
-        threshold, source = evaluation.operating_threshold(Path(model_path), fingerprint)
+                    decided: tuple[float | None, str]) -> dict:
+    """What a deployment needs beside the graph: the decision threshold and its source
+    (DVectorModel.decide_threshold), the model's fingerprint and its feature settings."""
+    threshold, source = decided
     return {"model": fingerprint, "model_path": str(Path(model_path).resolve()),
             "mode": "TD-SV" if front.tdsv else "TI-SV", "sample_rate": front.sr,
             "d_vector_size": network.proj, "operating_threshold": threshold,
@@ -278,12 +271,11 @@ def export_tflite(encoder, front: Features, quantize: str, out: Path) -> Path:
 
 def export(config: argparse.Namespace) -> Path:
     """Write the SavedModel or the TFLite model to --export, with its metadata."""
-    if config.ensemble:
-        raise ValueError("--export takes one model; drop --ensemble")
     trained = ge2e.DVectorModel(config)
     front, network, encoder = trained.features, trained.network, trained.encoder
     metadata = export_metadata(front, network, config.model_path, trained.fingerprint,
-                               config.threshold, config.threshold_from)
+                               trained.decide_threshold(config.threshold, config.threshold_from,
+                                                        required=False))
     out = Path(config.export)
     if config.format == "tflite":
         path = export_tflite(encoder, front, config.quantize, out)

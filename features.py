@@ -1,7 +1,8 @@
 """Audio in, features out: load any supported file, resample, mono, VAD, log-mel, TD-SV phrase.
 
-Pure functions shared by preprocessing, training, evaluation, the profiles and the export parity
-tests; the front end of the paper (25 ms windows, 10 ms hop, 40 log-mel bands).
+Functions of the feature settings alone, shared by preprocessing, training, evaluation, the API
+and the export parity tests, and a thread pool for many files; the front end of the paper
+(25 ms windows, 10 ms hop, 40 log-mel bands).
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from configuration import Features
+from utils import AUDIO_TYPES
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus")  # all read by libsndfile >= 1.1
-AUDIO_TYPES = "WAV, FLAC, MP3, OGG/Opus"  # AUDIO_EXTENSIONS in words, for messages
 LOG_FLOOR = 1e-6  # digital silence in the recordings must not give log(0)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
@@ -36,6 +36,10 @@ class AudioError(ValueError):
     def __init__(self, kind: str, detail: str):
         super().__init__(detail)
         self.kind = kind
+
+    def __reduce__(self):
+        # Both arguments, so an error raised in a worker process arrives whole in the parent.
+        return AudioError, (self.kind, str(self))
 
 
 def feature_settings(front: Features, tdsv_phrase: str = "", tdsv_pattern: str = "") -> dict:

@@ -11,7 +11,6 @@ Importing this module loads nothing heavy; TensorFlow starts when a model is loa
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -23,6 +22,13 @@ import utils
 from utils import speaker_model
 
 PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_profile_name(name: str) -> None:
+    """A profile name can never leave the profiles folder: letters, digits, '_', '-', '.'."""
+    if not PROFILE_NAME.match(name):
+        raise ValueError(f"profile name {name!r}: use letters, digits, '_', '-' or '.', "
+                         f"starting with a letter or digit")
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -131,9 +137,7 @@ class DVectorModel:
 
     # Enrolled profiles: <model>/profiles/NAME.npy (file d-vectors) and NAME.json (files, model).
     def _profile_files(self, name: str) -> tuple[Path, Path]:
-        if not PROFILE_NAME.match(name):
-            raise ValueError(f"profile name {name!r}: use letters, digits, '_', '-' or '.', "
-                             f"starting with a letter or digit")
+        check_profile_name(name)
         return self.profiles_path / f"{name}.npy", self.profiles_path / f"{name}.json"
 
     def profile_names(self) -> list[str]:
@@ -145,7 +149,7 @@ class DVectorModel:
         if not meta_path.exists():
             raise ValueError(f"no profile {name!r} in {self.profiles_path} (enrolled: "
                              f"{', '.join(self.profile_names()) or 'none'})")
-        meta = json.loads(meta_path.read_text())
+        meta = utils.read_json(meta_path, "a profile record")
         if meta.get("model") != self.fingerprint:
             raise ValueError(f"profile {name!r} was enrolled with another model "
                              f"({meta.get('model')}, this model is {self.fingerprint}); enroll "
@@ -163,7 +167,7 @@ class DVectorModel:
             action = "extended" if extend else "replaced"
             if extend:
                 vectors = np.concatenate([self.profile(name), vectors])
-                files = json.loads(meta_path.read_text())["files"] + files
+                files = utils.read_json(meta_path, "a profile record").get("files", []) + files
         vectors_path.parent.mkdir(parents=True, exist_ok=True)
         utils.atomic_save_npy(vectors_path, vectors)
         utils.atomic_save_json(meta_path, {
@@ -171,29 +175,42 @@ class DVectorModel:
             "model_path": str(self.path.resolve()), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
         return action
 
-    def _threshold(self, threshold: float | None) -> float:
+    def decide_threshold(self, threshold: float | None = None, threshold_from: str = "",
+                         required: bool = True) -> tuple[float | None, str]:
+        """The decision threshold and its source: `threshold`, else the EER threshold recorded by
+        the evaluation in `threshold_from`, else the model's operating threshold."""
         if threshold is not None:
-            return threshold
-        if self.threshold is None:
-            raise ValueError(f"{self.path} has no operating threshold ({self.threshold_source});"
-                             f" run python main.py --train False --model_path {self.path} or "
-                             f"pass a threshold")
-        return self.threshold
+            return threshold, "--threshold"
+        if threshold_from:
+            import evaluation
+
+            return evaluation.threshold_from(threshold_from, self.fingerprint)
+        if self.threshold is None and required:
+            raise ValueError(f"no operating threshold: {self.threshold_source}; or pass a "
+                             f"threshold (--threshold)")
+        return self.threshold, self.threshold_source
 
     def verify(self, name: str, probe: str | Path | np.ndarray,
                threshold: float | None = None) -> Decision:
         """Score a probe (file or d-vector) against NAME's profile at the operating threshold."""
-        threshold = self._threshold(threshold)
+        threshold, _ = self.decide_threshold(threshold)
         vector = probe if isinstance(probe, np.ndarray) else self.embed_file(probe)
         label = "d-vector" if isinstance(probe, np.ndarray) else str(probe)
         return Decision(label, name, cosine(vector, speaker_model(self.profile(name))), threshold)
 
-    def identify(self, probe: str | Path | np.ndarray) -> list[tuple[str, float]]:
-        """Every enrolled profile with its score against the probe, best first."""
+    def identify(self, probe: str | Path | np.ndarray,
+                 profiles: tuple[list[str], np.ndarray] | None = None) -> list[tuple[str, float]]:
+        """Every enrolled profile with its cosine against the probe, best first; `profiles`
+        (speaker_models()) saves reading them again for each of many probes."""
+        names, models = profiles or self.speaker_models()
+        vector = probe if isinstance(probe, np.ndarray) else self.embed_file(probe)
+        scores = models @ (vector / max(float(np.linalg.norm(vector)), 1e-12))
+        return sorted(zip(names, map(float, scores)), key=lambda item: -item[1])
+
+    def speaker_models(self) -> tuple[list[str], np.ndarray]:
+        """The enrolled profiles' names and their speaker models [S,P] (unit length)."""
         names = self.profile_names()
         if not names:
-            raise ValueError(f"no profiles in {self.profiles_path}; enroll speakers first")
-        vector = probe if isinstance(probe, np.ndarray) else self.embed_file(probe)
-        models = np.stack([speaker_model(self.profile(name)) for name in names])
-        scores = models @ vector
-        return sorted(zip(names, map(float, scores)), key=lambda item: -item[1])
+            raise ValueError(f"no profiles in {self.profiles_path}; enroll speakers first "
+                             f"(--enroll NAME)")
+        return names, np.stack([speaker_model(self.profile(name)) for name in names])

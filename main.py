@@ -1,6 +1,6 @@
 """Entry point: `python main.py --train True` trains, `python main.py --train False` tests;
 --enroll/--verify/--identify/--pairs/--embed/--export use a trained model (the ready model unless
---model_path names another); --summarize averages tests."""
+--model_path names another); --cohort writes a model's AS-norm cohort; --summarize averages tests."""
 
 from __future__ import annotations
 
@@ -77,20 +77,48 @@ def check_model(path: Path, flag: str = "--model_path") -> None:
               f"--train True --model_path {path}), {ready}")
 
 
+def _check_record(folder: str, flag: str) -> None:
+    if not (Path(folder) / "evaluation.json").is_file():
+        _fail(f"{flag} {folder}: no evaluation.json there (expected the --results_path of a "
+              f"`main.py --train False` run)")
+
+
+def _check_folders(paths: str, flag: str, why: str) -> None:
+    """Each folder of a comma- or plus-separated list exists."""
+    for folder in re.split(r"[,+]", paths):
+        if not Path(folder).is_dir():
+            _fail(f"{flag} {folder}: no such folder ({why})")
+
+
+def _check_profiles(config: argparse.Namespace) -> list[str]:
+    """The profile names the command reads or writes are safe and, when read, enrolled; returns
+    the probes it scores."""
+    probes, names = config.audio, [config.verify] if config.verify else []
+    if config.pairs:
+        if not Path(config.pairs).is_file():
+            _fail(f"--pairs {config.pairs}: no such file")
+        pairs = profiles.read_pairs(config.pairs)
+        names, probes = sorted({n for n, _ in pairs}), [p for _, p in pairs]
+    for name in names + ([config.enroll] if config.enroll else []):
+        ge2e.check_profile_name(name)
+    folder = Path(config.model_path) / "profiles"
+    for name in names:
+        if not (folder / f"{name}.json").is_file():
+            _fail(f"no profile {name!r} in {folder}; enroll it first (--enroll {name} --audio "
+                  f"FILE ...)")
+    if config.identify and not any(folder.glob("*.json")):
+        _fail(f"no profiles in {folder}; enroll speakers first (--enroll NAME --audio FILE ...)")
+    return probes
+
+
 def check_inputs(config: argparse.Namespace) -> None:
     """Every path the command reads, checked before TensorFlow loads (a one-line error)."""
     for folder in config.summarize:
-        if not (Path(folder) / "evaluation.json").is_file():
-            _fail(f"--summarize {folder}: no evaluation.json there (expected the --results_path "
-                  f"of a `main.py --train False` run)")
+        _check_record(folder, "--summarize")
     if config.summarize:
         return
-    training = config.train and not configuration.use_commands(config)
-    if training:
-        for folder in re.split(r"[,+]", config.train_path):
-            if not Path(folder).is_dir():
-                _fail(f"--train_path {folder}: no such folder (run python data_preprocess.py "
-                      f"first)")
+    if config.train and not configuration.use_commands(config):
+        _check_folders(config.train_path, "--train_path", "run python data_preprocess.py first")
         if config.init_from:
             check_model(Path(config.init_from), "--init_from")
         if config.restore:
@@ -99,34 +127,16 @@ def check_inputs(config: argparse.Namespace) -> None:
     check_model(Path(config.model_path))
     for member in filter(None, config.ensemble.split(",")):
         check_model(Path(member), "--ensemble")
-    if config.threshold_from and not (Path(config.threshold_from) / "evaluation.json").is_file():
-        _fail(f"--threshold_from {config.threshold_from}: no evaluation.json there (expected the "
-              f"--results_path of a `main.py --train False` run)")
-    probes = config.audio
-    if config.pairs:
-        if not Path(config.pairs).is_file():
-            _fail(f"--pairs {config.pairs}: no such file")
-        pairs = profiles.read_pairs(config.pairs)
-        names, probes = sorted({n for n, _ in pairs}), [p for _, p in pairs]
-    else:
-        names = [config.verify] if config.verify else []
-    for name in names + ([config.enroll] if config.enroll else []):
-        if not ge2e.PROFILE_NAME.match(name):
-            _fail(f"profile name {name!r}: use letters, digits, '_', '-' or '.', starting with a "
-                  f"letter or digit")
-    for name in names:
-        if not (Path(config.model_path) / "profiles" / f"{name}.json").is_file():
-            _fail(f"no profile {name!r} in {Path(config.model_path) / 'profiles'}; enroll it "
-                  f"first (--enroll {name} --audio FILE ...)")
+    if config.threshold_from:
+        _check_record(config.threshold_from, "--threshold_from")
+    probes = _check_profiles(config)
     missing = [p for p in probes if not Path(p).is_file()]
     # One missing file fails an enrollment; a batch scores what it can and lists the rest.
     if missing and (config.enroll or len(missing) == len(probes)):
         _fail(f"{missing[0]}: no such audio file")
     if config.cohort:
-        for folder in re.split(r"[,+]", config.train_path):
-            if not Path(folder).is_dir():
-                _fail(f"--train_path {folder}: no such folder (the preprocessed training "
-                      f"speakers whose models form the cohort)")
+        _check_folders(config.train_path, "--train_path",
+                       "the preprocessed training speakers whose models form the cohort")
     if config.embed:
         if not config.out:
             _fail("--embed needs --out FILE.npz")
@@ -135,15 +145,26 @@ def check_inputs(config: argparse.Namespace) -> None:
         if not profiles.audio_files(Path(config.audio_path)):
             _fail(f"--audio_path {config.audio_path}: no audio files ({utils.AUDIO_TYPES})")
     if not config.train and not configuration.use_commands(config):
-        if config.trials:
-            if not Path(config.trials).is_file():
-                _fail(f"--trials {config.trials}: no such file")
-            if not Path(config.audio_path).is_dir():
-                _fail(f"--trials needs --audio_path, the folder its paths are relative to "
-                      f"(got {config.audio_path or 'none'})")
-        elif not Path(config.test_path).is_dir():
+        _check_test(config)
+
+
+def _check_test(config: argparse.Namespace) -> None:
+    """--train False: the test split, or a readable trial list and the folder of its files."""
+    if not config.trials:
+        if not Path(config.test_path).is_dir():
             _fail(f"--test_path {config.test_path}: no such folder (run python "
                   f"data_preprocess.py first)")
+        return
+    if not Path(config.trials).is_file():
+        _fail(f"--trials {config.trials}: no such file")
+    utils.parse_trials(config.trials)
+    if not Path(config.audio_path).is_dir():
+        _fail(f"--trials needs --audio_path, the folder its paths are relative to (got "
+              f"{config.audio_path or 'none'})")
+    model_path = Path(config.model_path)
+    if Path(config.results_path or model_path / "results").resolve() == model_path.resolve():
+        _fail(f"--results_path {config.results_path} is --model_path: a --trials evaluation "
+              f"would replace the model's operating threshold; choose another --results_path")
 
 
 def main(argv: list[str] | None = None) -> int:

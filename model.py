@@ -422,7 +422,6 @@ def _train_stack(frames, weights):
     return run(frames, *[w for layer in weights for w in layer])
 
 
-LSTMP_PATHS = ("kernel", "reference")
 
 
 class SpeakerEncoder(keras.Model):
@@ -437,7 +436,7 @@ class SpeakerEncoder(keras.Model):
     def __init__(self, hidden: int, proj: int, num_layer: int, precision: str = "fp32",
                  lstmp: str = "kernel", **kwargs):
         super().__init__(**kwargs)
-        if lstmp not in LSTMP_PATHS:
+        if lstmp not in configuration.LSTMP_PATHS:
             raise ValueError(f"--lstmp: expected 'kernel' or 'reference', got {lstmp!r}")
         self.lstmp = lstmp
         self.rnns = [LSTMP(hidden, proj) for _ in range(num_layer)]
@@ -599,7 +598,7 @@ def load_trained(model_path: str | Path, front: Features, network: Network,
 EMBED_BUCKETS = (1, 16, 256)  # batch sizes the XLA embedder is compiled for
 
 
-def make_embedder(encoder: SpeakerEncoder, n_mels: int, window: int | None = None):
+def make_embedder(encoder: SpeakerEncoder | Ensemble, n_mels: int, window: int | None = None):
     """A function from windows [B,T,n_mels] (and optional row lengths [B], rows padded at the
     end) to d-vectors [B,P].
 

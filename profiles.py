@@ -15,20 +15,6 @@ import ge2e
 import utils
 
 
-def threshold_for(model: ge2e.DVectorModel, threshold: float | None, threshold_from: str
-                  ) -> tuple[float, str]:
-    """The decision threshold and its source: --threshold, --threshold_from, else the model's."""
-    if threshold is not None:
-        return threshold, "--threshold"
-    if threshold_from:
-        import evaluation
-
-        return evaluation.threshold_from(threshold_from, model.fingerprint)
-    if model.threshold is None:
-        raise ValueError(f"no operating threshold: {model.threshold_source}; or pass --threshold")
-    return model.threshold, model.threshold_source
-
-
 def run(config: argparse.Namespace) -> None:
     """Load the model once and run the use command given: --enroll, --verify, --pairs,
     --identify or --embed."""
@@ -42,7 +28,8 @@ def run(config: argparse.Namespace) -> None:
     else:
         pairs = (read_pairs(config.pairs) if config.pairs
                  else [(config.verify, probe) for probe in config.audio])
-        verify_pairs(model, threshold_for(model, config.threshold, config.threshold_from), pairs)
+        verify_pairs(model, model.decide_threshold(config.threshold, config.threshold_from),
+                     pairs)
 
 
 def enroll(model: ge2e.DVectorModel, name: str, audio: list[str], extend: bool) -> str:
@@ -122,12 +109,11 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
 def identify(model: ge2e.DVectorModel, audio: list[str]) -> dict[str, list[tuple[str, float]]]:
     """Rank every enrolled profile against each file (the whole ranking for one file, the best
     three for several), then a summary."""
-    if not model.profile_names():
-        raise ValueError(f"no profiles in {model.profiles_path}; enroll speakers first "
-                         f"(--enroll NAME)")
+    profiles = model.speaker_models()
     started = time.perf_counter()
     vectors = _embed_probes(model, audio)
-    rankings = {probe: model.identify(vectors[probe]) for probe in audio if probe in vectors}
+    rankings = {probe: model.identify(vectors[probe], profiles) for probe in audio
+                if probe in vectors}
     for probe, ranking in rankings.items():
         if len(audio) == 1:
             print(f"{probe}:")

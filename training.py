@@ -144,10 +144,6 @@ def warm_start_checkpoint(init_from: str, model_path: str, front: Features, netw
     return path
 
 
-def _set_seeds(seed: int) -> None:
-    keras.utils.set_random_seed(seed)
-
-
 def train(config: argparse.Namespace) -> dict:
     """Train with GE2E; resumable with --restore True. Returns a summary of the run."""
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
@@ -181,7 +177,7 @@ def train(config: argparse.Namespace) -> dict:
         print(f"{model_path} held an earlier model; moved it to {backup} (use --restore True "
               f"to resume instead)")
 
-    _set_seeds(training.seed)
+    keras.utils.set_random_seed(training.seed)
     with strategy.scope():
         encoder, scale = model.build_model(network, front.n_mels)
         optimizer = build_optimizer(training)

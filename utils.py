@@ -1,4 +1,5 @@
-"""Verification metrics, score normalisation, sliding windows and atomic file writes (numpy only)."""
+"""Light helpers (numpy and the standard library only): verification metrics, AS-norm, sliding
+windows, trial lists, safe JSON reads, atomic file writes and the audio types read."""
 
 from __future__ import annotations
 

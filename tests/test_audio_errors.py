@@ -8,6 +8,7 @@ import pytest
 import soundfile as sf
 
 import features
+import utils
 
 SR = 16000
 NOT_READABLE = "not readable audio: "
@@ -94,16 +95,16 @@ def test_flac_cut_short_is_not_readable(shared_data, tmp_path):
     assert "cut short" in str(error)
 
 
-@pytest.mark.parametrize("suffix", features.AUDIO_EXTENSIONS)
+@pytest.mark.parametrize("suffix", utils.AUDIO_EXTENSIONS)
 def test_empty_and_garbage_files_are_not_readable(tmp_path, suffix):
     empty = tmp_path / f"empty{suffix}"
     empty.write_bytes(b"")
     assert "empty file" in str(load_error(empty))
     garbage = tmp_path / f"garbage{suffix}"
     garbage.write_bytes(np.random.default_rng(0).bytes(5000))
-    assert f"format not recognised (expected {features.AUDIO_TYPES})" in str(load_error(garbage))
+    assert f"format not recognised (expected {utils.AUDIO_TYPES})" in str(load_error(garbage))
 
 
 def test_audio_types_name_every_extension():
-    for suffix in features.AUDIO_EXTENSIONS:
-        assert suffix[1:].upper() in features.AUDIO_TYPES.upper()
+    for suffix in utils.AUDIO_EXTENSIONS:
+        assert suffix[1:].upper() in utils.AUDIO_TYPES.upper()

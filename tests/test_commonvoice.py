@@ -17,6 +17,7 @@ from robust_corpus import speech_like
 import corpora
 import data_preprocess
 import features
+import utils
 
 HEADER = "client_id\tpath\tsentence\tup_votes\tdown_votes\tage\tgender\taccent\tlocale\tsegment"
 # A in both languages; C and D share their first 20 characters, so names need 21.
@@ -129,7 +130,7 @@ def test_preprocessing_writes_speakers_bad_rows_and_same_language_trials(tmp_pat
 def test_load_audio_decodes_compressed_formats(tmp_path, fmt, subtype, ext):
     if fmt not in sf.available_formats() or subtype not in sf.available_subtypes(fmt):
         pytest.skip(f"this libsndfile cannot write {fmt}/{subtype}")
-    assert ext in features.AUDIO_EXTENSIONS
+    assert ext in utils.AUDIO_EXTENSIONS
     sr = 48000
     tone = 0.5 * np.sin(2 * np.pi * 440.0 * np.arange(2 * sr) / sr).astype(np.float32)
     sf.write(tmp_path / f"tone{ext}", tone, sr, format=fmt, subtype=subtype)
