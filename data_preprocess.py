@@ -44,10 +44,6 @@ SPEAKER_SKIPPED = "speaker below --min_utterances"  # the kind of a skipped-spea
 LANGUAGE_TRIALS = "trials_same_language.txt"
 TEXT_TRIALS = "trials_same_text.txt"  # TD corpora (keywords, digits, words): same-text pairs
 COPY_MARK = "#augment"  # an augmented copy's utterance name: <path>#augment<k>
-# Kept under their old names for the callers that reach them through this module.
-find_utterances = corpora.find_utterances
-_worker_context = workers.worker_context
-_die_with_parent = workers.die_with_parent
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def test_a_speaker_tree_with_a_stray_nohash_name_stays_a_tree(tmp_path):
     (tmp_path / "spk01" / "0a1b2c3d_nohash_0.wav").write_bytes(b"")
     corpus = corpora.find_corpus(tmp_path)
     assert corpus.layout == "tree" and not corpus.skipped and not corpus.noise
-    assert corpus.tree == data_preprocess.find_utterances(tmp_path)
+    assert corpus.tree == corpora.find_utterances(tmp_path)
     assert "spk01/0a1b2c3d_nohash_0.wav" in corpus.tree["spk01"]
 
 

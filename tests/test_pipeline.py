@@ -7,6 +7,7 @@ import pytest
 from conftest import link_subset
 
 import configuration
+import corpora
 import data_preprocess
 import features
 import main
@@ -146,7 +147,7 @@ def test_symlinked_speaker_folders_are_followed_once(tmp_path):
     for speaker in ("spk00", "spk02"):
         (subset / speaker).symlink_to(tmp_path / "corpus" / speaker)
     (tmp_path / "corpus" / "spk00" / "loop").symlink_to(tmp_path / "corpus" / "spk00")
-    tree = data_preprocess.find_utterances(subset)
+    tree = corpora.find_utterances(subset)
     assert tree == {"spk00": ["spk00/utt00.wav", "spk00/utt01.wav"],
                     "spk02": ["spk02/utt00.wav", "spk02/utt01.wav"]}
 
@@ -159,7 +160,7 @@ def test_find_utterances_reads_nested_corpus_layouts(tmp_path):
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_bytes(b"")
     (tmp_path / "empty_speaker").mkdir()
-    assert data_preprocess.find_utterances(tmp_path) == {
+    assert corpora.find_utterances(tmp_path) == {
         "19": ["19/198/19-198-0001.FLAC"],
         "id001": ["id001/folder.wav/inner.flac", "id001/vid_a/00001.wav", "id001/vid_b/00001.wav"],
         "p225": ["p225/p225_001.wav"]}

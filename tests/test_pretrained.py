@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 import configuration
+import corpora
 import data_preprocess
 import main
 
@@ -49,7 +50,7 @@ def test_one_rule_for_which_model_a_command_uses(tmp_path, monkeypatch):
 
 def test_ready_model_accepts_and_rejects_held_out_speakers(shared_data, ready_copy, capsys):
     corpus = shared_data / "speechocean762"
-    tree = data_preprocess.find_utterances(corpus)
+    tree = corpora.find_utterances(corpus)
     saved = json.loads((ready_copy / "config.json").read_text())
     _, test = data_preprocess.split_speakers(sorted(tree), saved["test_ratio"], saved["seed"])
     alice, bob = test[0], test[1]

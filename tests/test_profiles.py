@@ -12,6 +12,7 @@ import soundfile as sf
 from conftest import REPO, link_subset
 
 import configuration
+import corpora
 import data_preprocess
 import main
 import training
@@ -197,7 +198,7 @@ def test_ready_model_identifies_unseen_dspspeech20_speakers(shared_data, tmp_pat
     ready = tmp_path / "pretrained"  # profiles are written beside the model: never into the repo
     shutil.copytree(configuration.READY_MODEL, ready, ignore=shutil.ignore_patterns("profiles"))
     saved = json.loads((ready / "config.json").read_text())
-    tree = data_preprocess.find_utterances(corpus)
+    tree = corpora.find_utterances(corpus)
     _, unseen = data_preprocess.split_speakers(sorted(tree), saved["test_ratio"], saved["seed"])
     # The model card's dspspeech20 evaluation (5 speakers never in training) used these speakers.
     trials = (REPO / "Results" / "pretrained" / "dspspeech20_trials_same_word.txt").read_text()

@@ -20,6 +20,7 @@ from test_interruption import checkpoint_values
 import configuration
 import data_preprocess
 import dataset
+import workers
 
 # 8 utterances per batch, so each of two replicas embeds 4. SGD: over several steps Adam's
 # division by sqrt(v) amplifies float rounding in near-zero gradients beyond 1e-5.
@@ -77,9 +78,9 @@ def test_two_shards_then_merge_equal_one_run(tmp_path, capsys):
 def test_workers_fork_only_without_tensorflow(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setitem(sys.modules, "tensorflow", sys.modules.get("tensorflow", object()))
-    assert data_preprocess._worker_context().get_start_method() == "spawn"
+    assert workers.worker_context().get_start_method() == "spawn"
     monkeypatch.delitem(sys.modules, "tensorflow")
-    assert data_preprocess._worker_context().get_start_method() == "fork"
+    assert workers.worker_context().get_start_method() == "fork"
 
 
 PAGE_FAULTS_OF_FEATURES = """
@@ -146,10 +147,10 @@ def test_the_cli_starts_openblas_with_one_thread():
 
 ORPHAN = """
 import os, sys, time
-import data_preprocess
+import workers
 child = os.fork()
 if child == 0:
-    data_preprocess._die_with_parent()
+    workers.die_with_parent()
     os.write(1, b"armed\\n")  # one write each: the two processes share the pipe
     time.sleep(120)
     os._exit(0)

@@ -45,6 +45,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 import configuration  # noqa: E402
+import corpora  # noqa: E402
 import data_preprocess  # noqa: E402
 import features  # noqa: E402
 
@@ -143,7 +144,7 @@ def bench_preprocessing(scratch: Path, audio: Path, speakers: int, repeats: int)
     chosen = sorted(p for p in audio.iterdir() if p.is_dir())[:speakers]
     for speaker in chosen:
         (corpus / speaker.name).symlink_to(speaker.resolve())
-    files = [corpus / f for paths in data_preprocess.find_utterances(corpus).values()
+    files = [corpus / f for paths in corpora.find_utterances(corpus).values()
              for f in paths]
     for file in files:  # the page cache is warm for both runs
         file.read_bytes()
