@@ -198,17 +198,23 @@ def load_audio(path: str | Path, sr: int) -> np.ndarray:
     # of huge but finite samples can overflow).
     if not np.isfinite(wav.sum()) and not np.all(np.isfinite(wav)):
         raise AudioError("non-finite", "NaN or Inf samples")
-    if file_sr != sr:
-        wav = librosa.resample(wav, orig_sr=file_sr, target_sr=sr, res_type="soxr_hq")
+    wav = resample(wav, file_sr, sr)
     if max(wav.max(), -wav.min()) < 1e-5:
         raise AudioError("silent", "silent (peak below -100 dBFS)")
     return np.ascontiguousarray(wav, dtype=np.float32)
 
 
+def resample(wav: np.ndarray, orig_sr: float, sr: int) -> np.ndarray:
+    """wav at sample rate sr (soxr's high-quality filter); unchanged when already there."""
+    if orig_sr == sr:
+        return wav
+    return librosa.resample(wav, orig_sr=orig_sr, target_sr=sr, res_type="soxr_hq")
+
+
 def speed_perturb(wav: np.ndarray, factor: float, sr: int) -> np.ndarray:
     """wav played `factor` times faster (tempo and pitch, as sox's speed): read as if sampled at
     sr * factor, resampled back to sr."""
-    return librosa.resample(wav, orig_sr=sr * factor, target_sr=sr, res_type="soxr_hq")
+    return resample(wav, sr * factor, sr)
 
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:

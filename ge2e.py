@@ -101,10 +101,7 @@ class DVectorModel:
         """The utterance d-vector [P] of a mono waveform at sample rate sr."""
         import features
 
-        wav = np.asarray(wav, dtype=np.float32)
-        if sr != self.features.sr:
-            import librosa
-            wav = librosa.resample(wav, orig_sr=sr, target_sr=self.features.sr, res_type="soxr_hq")
+        wav = features.resample(np.asarray(wav, dtype=np.float32), sr, self.features.sr)
         return self.embed_features([features.inference_features(wav, self.features)])[0]
 
     def embed_files_or_errors(self, paths: list[str | Path]

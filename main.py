@@ -51,7 +51,8 @@ def import_tensorflow() -> types.ModuleType:
 
 
 def model_line(config: argparse.Namespace) -> str:
-    """The line every run prints: the model it uses, by the rule parse_config applied."""
+    """The first line of a run: the model it uses, by the rule parse_config applied (none for
+    --summarize)."""
     used = configuration.use_commands(config)
     if configuration.uses_the_ready_model(config):
         return (f"model: the ready model {utils.record_path(config.model_path)} (--{used[0]} "
@@ -185,12 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     import training
 
     try:
-        if config.enroll or config.verify or config.identify or config.pairs or config.embed:
-            profiles.run(config)
-        elif config.export:
+        if config.export:
             export.export(config)
         elif config.cohort:
             evaluation.write_cohort(config)
+        elif configuration.use_commands(config):
+            profiles.run(config)
         elif config.summarize:
             evaluation.summarize(config.summarize)
         elif config.train:
