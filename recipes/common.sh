@@ -112,19 +112,25 @@ stages() {
   done
 }
 
-# --- the four-corpus TI-SV data (ready_model.sh, leave_one_corpus_out.sh) -------------------
+# --- the seven-corpus data (ready_model.sh, leave_one_corpus_out.sh) ------------------------
 
-# preprocess_four_corpora DIR: each corpus's seeded split (--test_ratio 0.2, --seed 0) into
+# The corpora the ready model trains on: read speech (TI), then short fixed words (keywords,
+# digits, phrases). fsdd's six speakers of 8 kHz digits are neither sped up nor cut at 40 frames.
+TI_CORPORA=(speechocean762 commonvoice librispeech)
+WORD_CORPORA=(speechcommands arabic dspspeech20)
+
+# preprocess_corpora DIR: each corpus's seeded split (--test_ratio 0.2, --seed 0) into
 # DIR/<corpus>/{train_aug,test}; the training speakers of all but fsdd also at 0.9x / 1.1x speed
 # as new speakers, and every training utterance twice more in a simulated room with noise.
-# These recipes keep utterances of at least 40 voiced frames (0.4 s); fsdd keeps its 8 kHz
-# clips of single digits with --min_frames 20 and is not sped up.
-preprocess_four_corpora() {
+# Read speech keeps utterances of at least 40 voiced frames (0.4 s), words and digits 20.
+preprocess_corpora() {
   local dir=$1 corpus
-  for corpus in speechocean762 commonvoice dspspeech20; do
+  for corpus in "${TI_CORPORA[@]}" "${WORD_CORPORA[@]}"; do
+    local min_frames=20
+    [[ " ${TI_CORPORA[*]} " == *" $corpus "* ]] && min_frames=40
     preprocess --audio_path "$DATA/$corpus" --train_path "$dir/$corpus/train_aug" \
       --test_path "$dir/$corpus/test" --workers "$WORKERS" --speed_perturb 0.9 1.1 --augment 2 \
-      --min_frames 40
+      --min_frames "$min_frames"
   done
   preprocess --audio_path "$DATA/fsdd" --train_path "$dir/fsdd/train_aug" \
     --test_path "$dir/fsdd/test" --workers "$WORKERS" --min_frames 20 --augment 2

@@ -42,7 +42,7 @@ check_hold_out() {
   done
 }
 
-stage_preprocess() { preprocess_four_corpora "$D"; }
+stage_preprocess() { preprocess_corpora "$D"; }
 
 stage_train() {
   check_hold_out

@@ -21,7 +21,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ITERATIONS=${ITERATIONS:-10000}
 D=$RUN/data
 
-stage_preprocess() { preprocess_four_corpora "$D"; }
+stage_preprocess() { preprocess_corpora "$D"; }
 
 stage_train() {
   train "$RUN/model" \
