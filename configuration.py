@@ -65,6 +65,7 @@ class Network:
     hidden: int = _setting(128, "weights")
     proj: int = _setting(64, "weights")
     num_layer: int = _setting(3, "weights")
+    mean_norm: bool = _setting(False, "weights")
     lstmp: str = _setting("kernel")
     precision: str = _setting("fp32")
 
@@ -88,6 +89,7 @@ class Training:
     snr_db: tuple[float, float] = _setting((5.0, 20.0), "resume")
     source_weights: tuple[float, ...] | None = _setting(None, "resume")
     spec_augment: tuple[int, int] = _setting((0, 0), "resume")
+    short_crops: bool = _setting(False, "resume")
     iteration: int = _setting(1000)
     save_every: int = _setting(500)
     log_every: int = _setting(10)
@@ -334,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="projection size = d-vector size")
     model.add_argument("--num_layer", type=_positive_int, default=Network.num_layer,
                        help="LSTMP layers")
+    model.add_argument("--mean_norm", type=str2bool, default=Network.mean_norm,
+                       help="subtract each utterance's (or window's) mean log-mel over time "
+                            "before the LSTMP: a fixed channel's colouring cancels")
     model.add_argument("--restore", type=str2bool, default=False,
                        help="resume training from the last checkpoint in --model_path")
     model.add_argument("--model_path", type=str, default="./tisv_model",
@@ -380,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar=("BANDS", "FRAMES"), help="mask one band of up to BANDS mel "
                           "channels and one span of up to FRAMES frames in each training "
                           "utterance (SpecAugment); 0 0 = off")
+    training.add_argument("--short_crops", type=str2bool, default=Training.short_crops,
+                          help="TI-SV with --source_weights: cap a batch's crop length at its "
+                               "source's median utterance length, so that short clips "
+                               "(keywords) train at their own length instead of repeated to "
+                               "--tisv_frame_min..--tisv_frame")
     training.add_argument("--loss", type=str, default=Training.loss,
                           choices=("softmax", "contrast"),
                           help="GE2E loss (eq. 6 or eq. 7)")

@@ -50,6 +50,10 @@ class SpeakerStore:
         self._layouts: dict[str, tuple[int, tuple[int, ...]]] = {}  # data offset, row shape
         noise = parts[0][0] / "noise.npy"
         self.noise = np.load(noise, mmap_mode="r", allow_pickle=False) if noise.exists() else None
+        # Median utterance length (frames) of each source: --short_crops caps its crops there.
+        self.median_frames = [int(np.median(np.concatenate(
+            [np.diff(self.offsets[self.speakers[s]]) for s in source]))) if len(source) else 0
+            for source in self.sources]
 
     @property
     def num_speakers(self) -> int:
@@ -241,16 +245,17 @@ def spec_augment(batch: np.ndarray, max_bands: int, max_frames: int,
 
 
 def batch_speakers(store: SpeakerStore, training: Training, rng: np.random.Generator
-                   ) -> np.ndarray:
-    """N distinct speaker indices: from all folders pooled, or with --source_weights all from
-    one folder, drawn with probability proportional to its weight."""
+                   ) -> tuple[np.ndarray, int | None]:
+    """N distinct speaker indices and their source: from all folders pooled (source None), or
+    with --source_weights all from one folder, drawn with probability proportional to its
+    weight."""
     if not training.source_weights:
-        return rng.choice(store.num_speakers, training.N, replace=False)
+        return rng.choice(store.num_speakers, training.N, replace=False), None
     # MultiReader (paper, sec. 2.3): each folder's loss from batches of its own speakers,
     # weighted by how often its batches come.
     weights = np.asarray(training.source_weights, dtype=np.float64)
-    source = store.sources[rng.choice(len(weights), p=weights / weights.sum())]
-    return rng.choice(source, training.N, replace=False)
+    source = int(rng.choice(len(weights), p=weights / weights.sum()))
+    return rng.choice(store.sources[source], training.N, replace=False), source
 
 
 def sample_batch(store: SpeakerStore, training: Training, step: int) -> np.ndarray:
@@ -260,7 +265,8 @@ def sample_batch(store: SpeakerStore, training: Training, step: int) -> np.ndarr
     """
     rng = np.random.default_rng([training.seed, step])
     picks = []  # (speaker, its M utterance indices)
-    for s in batch_speakers(store, training, rng):
+    speakers, source = batch_speakers(store, training, rng)
+    for s in speakers:
         speaker = store.speakers[s]
         count = store.num_utterances(speaker)
         picks.append((speaker, rng.choice(count, training.M, replace=count < training.M)))
@@ -273,6 +279,10 @@ def sample_batch(store: SpeakerStore, training: Training, step: int) -> np.ndarr
         batch = features.log_mel(noisy.astype(np.float32), store.front)
     else:
         length = int(rng.integers(training.tisv_frame_min, training.tisv_frame + 1))
+        if training.short_crops and source is not None:
+            # One-second keywords train at their own length, as they are embedded at test time,
+            # not repeated three or four times to fill a 140-180-frame crop.
+            length = min(length, max(store.median_frames[source], store.front.min_frames))
         batch = _crops(store, picks, length, rng)
     if any(training.spec_augment):
         batch = spec_augment(batch, *training.spec_augment, rng)

@@ -434,8 +434,9 @@ class SpeakerEncoder(keras.Model):
     """
 
     def __init__(self, hidden: int, proj: int, num_layer: int, precision: str = "fp32",
-                 lstmp: str = "kernel", **kwargs):
+                 lstmp: str = "kernel", mean_norm: bool = False, **kwargs):
         super().__init__(**kwargs)
+        self.mean_norm = mean_norm
         if lstmp not in configuration.LSTMP_PATHS:
             raise ValueError(f"--lstmp: expected 'kernel' or 'reference', got {lstmp!r}")
         self.lstmp = lstmp
@@ -457,6 +458,8 @@ class SpeakerEncoder(keras.Model):
     def call(self, features, mask=None, training=False):
         """mask [B,T] (True = real frame, padding at the end): the d-vector of each row is taken
         at its last real frame, as if the row had not been padded."""
+        if self.mean_norm:
+            features = features - masked_time_mean(features, mask)
         if self.lstmp == "reference":
             outputs = features
             for rnn in self.rnns:
@@ -474,6 +477,15 @@ class SpeakerEncoder(keras.Model):
         return tf.math.l2_normalize(top, axis=-1, epsilon=1e-12)
 
 
+def masked_time_mean(features: tf.Tensor, mask: tf.Tensor | None) -> tf.Tensor:
+    """[B,1,n_mels]: each row's mean log-mel over its real frames (all frames without a mask)."""
+    if mask is None:
+        return tf.reduce_mean(features, axis=1, keepdims=True)
+    weights = tf.cast(mask, features.dtype)[:, :, None]
+    return (tf.reduce_sum(features * weights, axis=1, keepdims=True)
+            / tf.maximum(tf.reduce_sum(weights, axis=1, keepdims=True), 1.0))
+
+
 class GE2EScale(keras.layers.Layer):
     """The learned scale w (kept positive, as the paper requires) and bias b of eq. 5."""
 
@@ -488,7 +500,7 @@ class GE2EScale(keras.layers.Layer):
 def build_model(network: Network, n_mels: int) -> tuple[SpeakerEncoder, GE2EScale]:
     """The encoder and the GE2E scale, built (weights created) for n_mels features."""
     encoder = SpeakerEncoder(network.hidden, network.proj, network.num_layer, network.precision,
-                             network.lstmp)
+                             network.lstmp, network.mean_norm)
     encoder(tf.zeros((1, 2, n_mels)))
     scale = GE2EScale()
     scale.build()

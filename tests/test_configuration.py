@@ -29,15 +29,18 @@ def test_sections_hold_the_command_line_and_the_defaults():
 
 
 def test_what_a_saved_config_fixes_is_what_earlier_versions_fixed():
-    # The hand-written key lists of earlier versions, now derived from the sections.
+    # The hand-written key lists of earlier versions, now derived from the sections, plus the
+    # fields added since (mean_norm, short_crops).
     assert set(configuration.fixed_fields(Features, "weights", "input")) == {
         "tdsv", "sr", "nfft", "window", "hop", "n_mels", "tdsv_frame"}
-    assert set(configuration.fixed_fields(Network, "weights")) == {"hidden", "proj", "num_layer"}
+    assert set(configuration.fixed_fields(Network, "weights")) == {"hidden", "proj", "num_layer",
+                                                                "mean_norm"}
     assert set(configuration.fixed_fields(Features, "weights")) == {
         "sr", "nfft", "window", "hop", "n_mels"}
     assert set(configuration.fixed_fields(Training, "resume")) == {
         "optim", "lr", "lr_decay_every", "beta1", "beta2", "clip_norm", "loss", "N", "M",
-        "seed", "tisv_frame", "tisv_frame_min", "snr_db", "source_weights", "spec_augment"}
+        "seed", "tisv_frame", "tisv_frame_min", "snr_db", "source_weights", "spec_augment",
+        "short_crops"}
 
 
 def test_the_ready_models_flat_config_loads():

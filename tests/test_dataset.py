@@ -150,10 +150,12 @@ def test_source_weights_draw_each_batch_from_one_folder(tiny_tisv):
         training = configuration.Training(N=3, source_weights=tuple(weights))
         sources = []
         for step in range(400):
-            speakers = dataset.batch_speakers(store, training, np.random.default_rng(step))
+            speakers, source = dataset.batch_speakers(store, training,
+                                                      np.random.default_rng(step))
             assert len(set(speakers)) == 3
             from_second = speakers >= half
             assert from_second.all() or not from_second.any(), speakers  # never mixed
+            assert source == int(from_second[0])
             sources.append(int(from_second[0]))
         counts[tuple(weights)] = np.mean(sources)
     assert counts[(1.0, 0.0)] == 0 and counts[(0.0, 2.0)] == 1
