@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -224,3 +225,25 @@ def test_a_plus_joined_entry_is_one_multireader_source(tiny_tisv):
     assert [list(s) for s in store.sources] == [list(range(2 * third)),
                                                 list(range(2 * third, 3 * third))]
     assert len(set(store.speakers)) == 3 * third  # the same folder twice: distinct speakers
+
+
+def test_short_crops_cap_a_source_at_its_median_utterance_length(tiny_tisv):
+    config = configuration.parse_config(tiny_tisv + ["--N", "3", "--M", "2",
+                                                     "--tisv_frame_min", "5"])
+    store = dataset.open_store(f"{config.train_path},{config.train_path}", config.features,
+                               "train")
+    lengths = [n for s in store.sources[0] for n in np.diff(store.offsets[store.speakers[s]])]
+    median = int(np.median(lengths))
+    assert store.median_frames == [median, median]
+    assert config.tisv_frame_min < median < config.tisv_frame  # so the cap can bind
+    capped = configuration.Training(N=3, M=2, tisv_frame_min=5, source_weights=(1.0, 1.0),
+                                    short_crops=True)
+    store.median_frames = [median, 10 ** 6]  # the second source: utterances longer than any crop
+    seen = {0: set(), 1: set()}
+    for step in range(60):
+        source = dataset.batch_speakers(store, capped, np.random.default_rng([0, step]))[1]
+        length = dataset.sample_batch(store, capped, step).shape[1]
+        plain = dataset.sample_batch(store, replace(capped, short_crops=False), step).shape[1]
+        assert length == (min(plain, median) if source == 0 else plain)
+        seen[source].add(length)
+    assert max(seen[0]) == median and max(seen[1]) > median  # both sources drawn, cap bound

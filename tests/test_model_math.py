@@ -550,3 +550,30 @@ def test_fp32_frames_fuse_their_matmuls_only_without_avx512(tmp_path):
     for name, (flags, fused) in cpus.items():
         (tmp_path / name).write_text(flags)
         assert model._fuse_fp32_matmuls(str(tmp_path / name)) is fused, name
+
+
+def test_mean_norm_feeds_the_numpy_lstmp_the_mean_removed_frames():
+    rng = np.random.default_rng(7)
+    features = rng.normal(0.0, 1.0, (3, 9, 4)).astype(np.float32)
+    for lstmp in configuration.LSTMP_PATHS:
+        encoder = model.SpeakerEncoder(hidden=8, proj=5, num_layer=2, lstmp=lstmp,
+                                       mean_norm=True)
+        encoder(features)
+        _randomise_encoder(encoder, np.random.default_rng(8))
+        layers = [_cell_weights(rnn) for rnn in encoder.rnns]
+        centred = features - features.mean(axis=1, keepdims=True)
+        np.testing.assert_allclose(encoder(features).numpy(),
+                                   _numpy_lstmp_encoder(centred, layers), atol=1e-5, rtol=0)
+        # A fixed colouring of every frame (a channel's gain per band) cancels ...
+        channel = rng.normal(0.0, 3.0, (1, 1, 4)).astype(np.float32)
+        np.testing.assert_allclose(encoder(features + channel).numpy(),
+                                   encoder(features).numpy(), atol=1e-5, rtol=0)
+        # ... and padding after a row's real frames changes neither its mean nor its d-vector.
+        padded = np.concatenate([features, rng.normal(5.0, 1.0, (3, 4, 4))], 1).astype(np.float32)
+        mask = np.arange(13)[None, :] < np.array([[9], [9], [9]])
+        np.testing.assert_allclose(encoder(padded, mask=tf.constant(mask)).numpy(),
+                                   encoder(features).numpy(), atol=1e-5, rtol=0)
+    plain = model.SpeakerEncoder(hidden=8, proj=5, num_layer=2)
+    plain(features)
+    plain.set_weights(encoder.get_weights())
+    assert np.max(np.abs(plain(features + channel).numpy() - plain(features).numpy())) > 1e-3
