@@ -22,6 +22,7 @@ VARIANTS = {
     "tisv_speechocean762.sh": [{}, {"PRECISION": "bf16"}],
     "leave_one_corpus_out.sh": [{}, {"HOLD_OUT": "commonvoice"}],
     "keyword_tdsv.sh": [{}, {"CORPUS": "arabic"}],
+    "seven_corpus_validation.sh": [{}, {"PROBES": "no_keywords", "SEEDS": "1"}],
 }
 
 
@@ -30,7 +31,7 @@ def recipe(script: Path, *args: str, env: dict | None = None, dry: bool = True,
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("RUN", "DATA", "PYTHON", "WORKERS", "ITERATIONS", "FOLDS", "SYSTEM",
                              "MODEL", "PRECISION", "HOLD_OUT", "PREPROCESSED", "CORPUS",
-                             "TDSV_FRAME")}
+                             "TDSV_FRAME", "PROBES", "SEEDS")}
     full_env.update(env or {})
     if dry:
         full_env["DRY_RUN"] = "1"
@@ -123,6 +124,25 @@ def test_settings_reach_the_commands(tmp_path):
 def test_a_recipe_runs_from_any_folder(tmp_path):
     script = RECIPES / "ready_model.sh"
     assert recipe(script, "evaluate", cwd=tmp_path).stdout == recipe(script, "evaluate").stdout
+
+
+def test_validation_probes_differ_only_in_what_they_probe():
+    script = RECIPES / "seven_corpus_validation.sh"
+    trains = {argv[argv.index("--model_path") + 1].split("/")[-2]: argv
+              for argv in commands(script, "train")}
+    assert set(trains) == {f"{p}_s{s}" for p in ("tile", "short", "short_mean", "no_librispeech",
+                                                  "no_keywords") for s in (0, 1)}
+    configs = {name: configuration.parse_config(argv[2:]) for name, argv in trains.items()}
+    tile, short, mean = configs["tile_s0"], configs["short_s0"], configs["short_mean_s0"]
+    assert (tile.short_crops, short.short_crops, mean.short_crops) == (False, True, True)
+    assert (tile.mean_norm, short.mean_norm, mean.mean_norm) == (False, False, True)
+    assert configs["tile_s1"].seed == 1 and tile.seed == 0
+    assert len(tile.train_path.split(",")) == 4 and tile.source_weights == [1.0] * 4
+    assert "librispeech" not in configs["no_librispeech_s0"].train_path
+    assert "speechcommands" not in configs["no_keywords_s0"].train_path
+    assert configs["no_keywords_s0"].source_weights == [1.0] * 3
+    same = ("N", "M", "lr", "iteration", "test_path", "optim")
+    assert all(getattr(c, k) == getattr(tile, k) for c in configs.values() for k in same)
 
 
 @pytest.mark.parametrize("args, env", [(["fit"], {}), ([], {"SYSTEM": "Y"})])

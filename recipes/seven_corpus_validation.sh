@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The validation runs behind the ready model's seven-corpus recipe: how one-second keywords
+# enter TI-SV training, per-utterance mean normalisation, and what each new corpus brings to
+# the others (leave one out, at this shorter budget). Validation speakers are fold 1 of a
+# 5-fold speaker split of each corpus; the test splits are fold 0, so no test speaker is
+# scored here. Each probe trains on the other folds as four MultiReader sources, weights
+# 1 1 1 1: speechocean762; Common Voice; LibriSpeech; Speech Commands + Arabic digits (one
+# keyword source). N=16 M=10, Adam 1e-3, 2,000 steps, no augmentation; SEEDS="0 1" (default)
+# trains each probe once per seed. PROBES picks them (default: all, in this order):
+#
+#   tile            every batch cropped to 140-180 frames, short clips repeated to fill
+#   short           --short_crops True: a source's crops capped at its median length
+#   short_mean      short, with --mean_norm True
+#   no_librispeech  short_mean without LibriSpeech
+#   no_keywords     short_mean without the keyword source
+#
+# Each probe is scored (raw and AS-norm, cohort: its training speakers) on five validation
+# lists: speechocean762 and LibriSpeech all pairs, Common Voice same-language pairs, Speech
+# Commands and Arabic same-word pairs. Results/seven_corpus_validation/ holds the figures;
+# Results/EXPERIMENTS.md ("How should one-second keywords enter TI-SV training?", "Per-utterance
+# mean normalisation?", "What does each new corpus bring?") reads them.
+#
+# Folders: RUN/data/<corpus>/{train,val}, RUN/<probe>_s<seed>/{model,results/<list>}.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+PROBES=${PROBES:-tile short short_mean no_librispeech no_keywords}
+SEEDS=${SEEDS:-0 1}
+ITERATIONS=${ITERATIONS:-2000}
+D=$RUN/data
+CORPORA=(speechocean762 commonvoice librispeech speechcommands arabic)
+
+# probe_flags PROBE: the training sources, weights and options of PROBE.
+probe_flags() {
+  local -A source=([speechocean762]=$D/speechocean762/train [commonvoice]=$D/commonvoice/train
+    [librispeech]=$D/librispeech/train [keywords]=$D/speechcommands/train+$D/arabic/train)
+  local names=(speechocean762 commonvoice librispeech keywords) options=() paths=() weights=()
+  case $1 in
+    tile) ;;
+    short) options=(--short_crops True) ;;
+    short_mean | no_librispeech | no_keywords) options=(--short_crops True --mean_norm True) ;;
+    *) say "PROBES: '$1' is none of tile short short_mean no_librispeech no_keywords"; exit 2 ;;
+  esac
+  local name
+  for name in "${names[@]}"; do
+    [[ $1 == "no_$name" ]] && continue
+    paths+=("${source[$name]}")
+    weights+=(1)
+  done
+  echo "--train_path $(IFS=,; echo "${paths[*]}") --source_weights ${weights[*]} ${options[*]}"
+}
+
+stage_preprocess() {
+  local corpus
+  for corpus in "${CORPORA[@]}"; do
+    preprocess --audio_path "$DATA/$corpus" --train_path "$D/$corpus/train" \
+      --test_path "$D/$corpus/val" --folds 5 --fold 1 --workers "$WORKERS"
+  done
+}
+
+stage_train() {
+  local probe seed flags
+  for probe in $PROBES; do
+    read -r -a flags <<<"$(probe_flags "$probe")"
+    for seed in $SEEDS; do
+      train "$RUN/${probe}_s$seed/model" "${flags[@]}" --seed "$seed" "${TISV_FLAGS[@]}" \
+        --test_path "$D/speechocean762/val" --iteration "$ITERATIONS" --lr_decay_every 10000 \
+        --save_every 500
+    done
+  done
+}
+
+stage_evaluate() {
+  local probe seed flags model results cohort
+  for probe in $PROBES; do
+    read -r -a flags <<<"$(probe_flags "$probe")"
+    cohort=${flags[1]}  # the probe's --train_path: its training speakers
+    for seed in $SEEDS; do
+      model=$RUN/${probe}_s$seed/model
+      results=$RUN/${probe}_s$seed/results
+      evaluate --model_path "$model" --train_path "$cohort" --test_path "$D/speechocean762/val" \
+        --results_path "$results/speechocean762"
+      evaluate --model_path "$model" --train_path "$cohort" --test_path "$D/commonvoice/val" \
+        --trials "$D/commonvoice/val/trials_same_language.txt" \
+        --audio_path "$DATA/commonvoice" --results_path "$results/commonvoice"
+      evaluate --model_path "$model" --train_path "$cohort" --test_path "$D/librispeech/val" \
+        --results_path "$results/librispeech"
+      local corpus
+      for corpus in speechcommands arabic; do
+        evaluate --model_path "$model" --train_path "$cohort" --test_path "$D/$corpus/val" \
+          --trials "$D/$corpus/val/trials_same_text.txt" --audio_path "$DATA/$corpus" \
+          --results_path "$results/$corpus"
+      done
+    done
+  done
+}
+
+stages "preprocess train evaluate" "$@"
