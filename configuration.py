@@ -347,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="test: checkpoint step to load (0 = latest)")
     model.add_argument("--init_from", type=str, default="",
                        help="training: start from this trained model's weights (its latest "
-                            "checkpoint; same network shape and features), with a fresh "
-                            "optimizer and step count (fine-tuning)")
+                            "checkpoint; its network shape and log-mel settings are taken), "
+                            "with a fresh optimizer and step count (fine-tuning)")
     model.add_argument("--precision", type=str, default=Network.precision, choices=("fp32", "bf16"),
                        help="matmul precision for training and embedding: fp32, or bf16 on "
                             "the CPU's matrix units (variables, cell state and loss stay fp32)")

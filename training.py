@@ -8,6 +8,8 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 
 import keras
@@ -120,10 +122,11 @@ def make_train_step(encoder: SpeakerEncoder, scale: GE2EScale,
     return train_step
 
 
-def warm_start_checkpoint(init_from: str, model_path: str, front: Features, network: Network
-                          ) -> str:
-    """The latest checkpoint of --init_from's model, after checking that its network shape and
-    log-mel features are this run's (TI-SV weights may start a TD-SV run)."""
+def warm_start(init_from: str, model_path: str, front: Features, network: Network,
+               explicit: Collection[str] = ()) -> tuple[str, Features, Network]:
+    """The latest checkpoint of --init_from's model, and this run's features and network with
+    the shape of that model's weights (log-mel settings, layers, --mean_norm); a flag typed
+    otherwise is an error. TI-SV weights may start a TD-SV run."""
     source = Path(init_from)
     if source.resolve() == Path(model_path).resolve():
         raise ValueError(f"--init_from {source} is --model_path itself; use --restore True to "
@@ -132,16 +135,20 @@ def warm_start_checkpoint(init_from: str, model_path: str, front: Features, netw
         raise ValueError(f"--init_from {source}: no config.json; expected a trained model folder "
                          f"(like --model_path)")
     saved = configuration.load_config(source / "config.json")
+    shaped = []
     for name, section in (("features", front), ("network", network)):
+        taken = {}
         for key in configuration.fixed_fields(type(section), "weights"):
             value = saved[name].get(key, getattr(section, key))
-            if value != getattr(section, key):
+            if key in explicit and value != getattr(section, key):
                 raise ValueError(f"--init_from {source}: its {key}={value} differs from this "
                                  f"run's --{key} {getattr(section, key)}")
+            taken[key] = value
+        shaped.append(replace(section, **taken))
     path = tf.train.latest_checkpoint(source / "checkpoints")
     if path is None:
         raise ValueError(f"--init_from {source}: no checkpoint in {source / 'checkpoints'}")
-    return path
+    return path, *shaped
 
 
 def train(config: argparse.Namespace) -> dict:
@@ -164,8 +171,8 @@ def train(config: argparse.Namespace) -> dict:
         init_from = saved["model"].get("init_from", "")
     elif config.init_from:
         # Checked before an earlier model is moved away, so a refused run changes nothing.
-        init_checkpoint = warm_start_checkpoint(config.init_from, config.model_path, front,
-                                                network)
+        init_checkpoint, front, network = warm_start(config.init_from, config.model_path,
+                                                     front, network, config.explicit)
         init_from = str(Path(config.init_from).resolve())
     store = dataset.open_store(config.train_path, front, "train")
     if training.N > store.num_speakers:

@@ -119,38 +119,43 @@ stages() {
 TI_CORPORA=(speechocean762 commonvoice librispeech)
 WORD_CORPORA=(speechcommands arabic dspspeech20)
 
-# preprocess_corpora DIR: each corpus's seeded split (--test_ratio 0.2, --seed 0) into
-# DIR/<corpus>/{train_aug,test}; the training speakers of all but fsdd also at 0.9x / 1.1x speed
-# as new speakers, and every training utterance twice more in a simulated room with noise.
-# Read speech keeps utterances of at least 40 voiced frames (0.4 s), words and digits 20.
+# preprocess_corpora DIR [CORPUS...]: each corpus's seeded split (--test_ratio 0.2, --seed 0)
+# into DIR/<corpus>/{train_aug,test} (default: all seven); the training speakers of all but
+# fsdd also at 0.9x / 1.1x speed as new speakers, and every training utterance twice more in a
+# simulated room with noise. Read speech keeps utterances of at least 40 voiced frames (0.4 s),
+# words and digits 20.
 preprocess_corpora() {
-  local dir=$1 corpus
-  for corpus in "${TI_CORPORA[@]}" "${WORD_CORPORA[@]}"; do
-    local min_frames=20
+  local dir=$1 corpus min_frames speed
+  shift
+  (($#)) || set -- "${TI_CORPORA[@]}" "${WORD_CORPORA[@]}" fsdd
+  for corpus in "$@"; do
+    min_frames=20 speed=(--speed_perturb 0.9 1.1)
     [[ " ${TI_CORPORA[*]} " == *" $corpus "* ]] && min_frames=40
+    [[ $corpus == fsdd ]] && speed=()
     preprocess --audio_path "$DATA/$corpus" --train_path "$dir/$corpus/train_aug" \
-      --test_path "$dir/$corpus/test" --workers "$WORKERS" --speed_perturb 0.9 1.1 --augment 2 \
+      --test_path "$dir/$corpus/test" --workers "$WORKERS" "${speed[@]}" --augment 2 \
       --min_frames "$min_frames"
   done
-  preprocess --audio_path "$DATA/fsdd" --train_path "$dir/fsdd/train_aug" \
-    --test_path "$dir/fsdd/test" --workers "$WORKERS" --min_frames 20 --augment 2
 }
 
 # The flags shared by the ready model and the leave-one-out runs (its 5,000-step version).
 TISV_FLAGS=(--N 16 --M 10 --optim adam --lr 1e-3 --beta1 0.9 --beta2 0.999)
 
 # test_on CORPUS DIR MODEL RESULTS COHORT: the model card's test of CORPUS's test speakers
-# (split in DIR): speechocean762 all pairs and the similarity-matrix test (which sets the
-# model's operating threshold), Common Voice its same-language pairs, dspspeech20 the
-# same-word pairs listed in Results/pretrained. COHORT (a training folder) is AS-norm's cohort.
+# (split in DIR): speechocean762 and LibriSpeech all pairs, speechocean762 also the
+# similarity-matrix test (which sets the model's operating threshold); Common Voice its
+# same-language pairs; Speech Commands and the Arabic digits their same-word pairs; dspspeech20
+# the same-word pairs listed in Results/pretrained. COHORT (training folders) is AS-norm's cohort.
 test_on() {
   local corpus=$1 dir=$2 model=$3 results=$4 cohort=$5
   local trials=()
   case $corpus in
-    speechocean762) ;;
+    speechocean762 | librispeech) ;;
     commonvoice)
       trials=(--trials "$dir/commonvoice/test/trials_same_language.txt"
         --audio_path "$DATA/commonvoice") ;;
+    speechcommands | arabic)
+      trials=(--trials "$dir/$corpus/test/trials_same_text.txt" --audio_path "$DATA/$corpus") ;;
     dspspeech20)
       trials=(--trials Results/pretrained/dspspeech20_trials_same_word.txt
         --audio_path "$DATA/dspspeech20") ;;

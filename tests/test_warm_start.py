@@ -2,6 +2,7 @@
 fresh optimizer and step count; a model of another shape is refused."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -98,16 +99,36 @@ def test_a_text_independent_model_may_start_a_text_dependent_run(tmp_path_factor
     td = configuration.parse_config(flags + ["--model_path", str(tmp_path / "td"), "--tdsv",
                                              "True", "--tdsv_frame", "120",
                                              "--init_from", str(source)])
-    checkpoint = training.warm_start_checkpoint(td.init_from, td.model_path, td.features,
-                                                td.network)
+    checkpoint, front, _ = training.warm_start(td.init_from, td.model_path, td.features,
+                                               td.network, td.explicit)
     assert checkpoint == tf.train.latest_checkpoint(source / "checkpoints")
+    assert front.tdsv and front.tdsv_frame == 120  # what it reads is this run's
     other_features = configuration.parse_config(flags + ["--model_path", str(tmp_path / "m"),
                                                          "--n_mels", "32",
                                                          "--init_from", str(source)])
     try:
-        training.warm_start_checkpoint(other_features.init_from, other_features.model_path,
-                                       other_features.features, other_features.network)
+        training.warm_start(other_features.init_from, other_features.model_path,
+                            other_features.features, other_features.network,
+                            other_features.explicit)
     except ValueError as error:
         assert "n_mels=40 differs" in str(error)
     else:
         raise AssertionError("a model of other features was accepted")
+
+
+def test_init_from_takes_the_shape_of_the_model_it_starts_from(tmp_path_factory, tmp_path):
+    flags = trained(tmp_path_factory)
+    source = tmp_path / "source"
+    shutil.copytree(_flag(flags, "--model_path"), source)
+    saved = json.loads((source / "config.json").read_text())
+    saved["network"]["mean_norm"] = True
+    (source / "config.json").write_text(json.dumps(saved))
+    shape = ("--hidden", "--proj", "--num_layer")
+    untyped = [f for i, f in enumerate(flags) if f not in shape and flags[i - 1] not in shape]
+    config = configuration.parse_config(untyped + ["--model_path", str(tmp_path / "m"),
+                                                   "--init_from", str(source)])
+    assert (config.hidden, config.proj, config.num_layer, config.mean_norm) == (128, 64, 3, False)
+    _, front, network = training.warm_start(config.init_from, config.model_path,
+                                            config.features, config.network, config.explicit)
+    assert (network.hidden, network.proj, network.num_layer, network.mean_norm) == (16, 8, 1, True)
+    assert front == config.features
