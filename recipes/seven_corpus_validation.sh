@@ -11,8 +11,8 @@
 #   tile            every batch cropped to 140-180 frames, short clips repeated to fill
 #   short           --short_crops True: a source's crops capped at its median length
 #   short_mean      short, with --mean_norm True
-#   no_librispeech  short_mean without LibriSpeech
-#   no_keywords     short_mean without the keyword source
+#   no_librispeech  tile without LibriSpeech
+#   no_keywords     tile without the keyword source
 #
 # Each probe is scored (raw and AS-norm, cohort: its training speakers) on five validation
 # lists: speechocean762 and LibriSpeech all pairs, Common Voice same-language pairs, Speech
@@ -36,9 +36,9 @@ probe_flags() {
     [librispeech]=$D/librispeech/train [keywords]=$D/speechcommands/train+$D/arabic/train)
   local names=(speechocean762 commonvoice librispeech keywords) options=() paths=() weights=()
   case $1 in
-    tile) ;;
+    tile | no_librispeech | no_keywords) ;;
     short) options=(--short_crops True) ;;
-    short_mean | no_librispeech | no_keywords) options=(--short_crops True --mean_norm True) ;;
+    short_mean) options=(--short_crops True --mean_norm True) ;;
     *) say "PROBES: '$1' is none of tile short short_mean no_librispeech no_keywords"; exit 2 ;;
   esac
   local name

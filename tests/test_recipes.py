@@ -141,6 +141,7 @@ def test_validation_probes_differ_only_in_what_they_probe():
     assert "librispeech" not in configs["no_librispeech_s0"].train_path
     assert "speechcommands" not in configs["no_keywords_s0"].train_path
     assert configs["no_keywords_s0"].source_weights == [1.0] * 3
+    assert not configs["no_keywords_s0"].short_crops and not configs["no_librispeech_s0"].mean_norm
     same = ("N", "M", "lr", "iteration", "test_path", "optim")
     assert all(getattr(c, k) == getattr(tile, k) for c in configs.values() for k in same)
 
