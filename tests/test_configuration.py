@@ -43,9 +43,10 @@ def test_what_a_saved_config_fixes_is_what_earlier_versions_fixed():
         "short_crops"}
 
 
-def test_the_ready_models_flat_config_loads():
-    saved = configuration.load_config(REPO / "pretrained" / "config.json")
-    flat = json.loads((REPO / "pretrained" / "config.json").read_text())
+def test_a_flat_config_of_an_earlier_version_loads():
+    # tests/flat_config.json: an earlier ready model's config.json, written as one flat object.
+    saved = configuration.load_config(REPO / "tests" / "flat_config.json")
+    flat = json.loads((REPO / "tests" / "flat_config.json").read_text())
     assert "features" not in flat  # written by an earlier version: one flat object
     assert saved["features"]["min_frames"] == 40 and saved["training"]["optim"] == "adam"
     assert saved["training"]["source_weights"] == [2.0, 2.0, 1.0]

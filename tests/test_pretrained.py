@@ -1,7 +1,6 @@
 """The ready model in pretrained/: used by the use commands when no model is named, and right on
 real speakers it never saw in training (speechocean762's test split)."""
 
-import json
 import shutil
 
 import pytest
@@ -51,8 +50,8 @@ def test_one_rule_for_which_model_a_command_uses(tmp_path, monkeypatch):
 def test_ready_model_accepts_and_rejects_held_out_speakers(shared_data, ready_copy, capsys):
     corpus = shared_data / "speechocean762"
     tree = corpora.find_utterances(corpus)
-    saved = json.loads((ready_copy / "config.json").read_text())
-    _, test = data_preprocess.split_speakers(sorted(tree), saved["test_ratio"], saved["seed"])
+    split = configuration.load_config(ready_copy / "config.json")["data"]
+    _, test = data_preprocess.split_speakers(sorted(tree), split["test_ratio"], split["seed"])
     alice, bob = test[0], test[1]
     enroll = [str(corpus / p) for p in tree[alice][:5]]
     assert main.main(["--enroll", alice, "--audio", *enroll]) == 0
