@@ -18,11 +18,12 @@
 # 250 / 500. AS-norm's cohort is the training speakers for both models (for the ready model
 # their TI-SV features, RUN/data/train_tisv).
 #
-# Same-word pairs of the test speakers, EER raw / AS-norm (Results/keyword_tdsv/):
-#   speechcommands  37 speakers, 16,866 trials (669 target): ready 10.61 / 8.22 %,
-#                   fine-tuned 6.43 / 6.28 %; 7.8 min training on 2 shared cores
-#   arabic           5 speakers,  4,350 trials (750 target): ready  8.13 / 7.60 %,
-#                   fine-tuned 7.20 / 7.17 %; 8.5 min
+# Same-word pairs of the test speakers, EER raw / AS-norm (Results/keyword_tdsv/), with the
+# seven-corpus ready model:
+#   speechcommands  37 speakers, 16,866 trials (669 target): ready 8.47 / 6.58 %,
+#                   fine-tuned 5.68 / 5.64 %; 4.5 min training on 2 shared cores
+#   arabic           5 speakers,  4,350 trials (750 target): ready  7.33 / 6.94 %,
+#                   fine-tuned 9.36 / 9.20 % (worse: the ready model alone is the better system)
 #
 # Folders: RUN/data/{train,test,train_tisv,test_tisv}, RUN/model,
 # RUN/results/{finetuned,ready}
