@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Leave one corpus out: the ready model's recipe at 5,000 steps (learning rate halved every
-# 2,000) trained without one corpus's source and its weight, tested on that corpus's test
-# speakers as the model card tests them; "all_corpora" is the same budget with every corpus.
+# Leave one corpus out: the earlier four-corpus ready model's recipe at 5,000 steps (learning
+# rate halved every 2,000) trained without one corpus's source and its weight, tested on that
+# corpus's test speakers as the model card tests them; "all_corpora" is the same budget with
+# every corpus.
 #
 # It gave (Results/loco/, Results/ready_model_5000_steps/; 2 Zen 5 cores, 17-18 min each),
 # without / with the corpus, raw: speechocean762 pairs 15.72 % / 10.67 % (similarity-matrix
