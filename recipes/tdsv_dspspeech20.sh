@@ -9,7 +9,8 @@
 #                       the mean of the folds (6.00, 4.67, 2.60, 9.27, 7.20), pairs 10.0 % raw /
 #                       10.3 % AS-norm; 21 min per fold (Results/dspspeech20_cv_window140/,
 #                       seed 0)
-#   SYSTEM=finetuned    W started from the ready model (--init_from pretrained), 500 steps:
+#   SYSTEM=finetuned    W started from the ready model (--init_from pretrained), 500 steps; with
+#                       the earlier four-corpus ready model:
 #                       3.72 % (4.30, 3.40, 3.10, 7.60, 0.20), pairs 7.24 % / 7.18 %; 5.4 min
 #                       per fold, two folds at once (Results/warm_start/)
 #   SYSTEM=X            four models as one (--ensemble): W, W with --seed 1, B140 (W without
