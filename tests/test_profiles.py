@@ -197,9 +197,9 @@ def test_ready_model_identifies_unseen_dspspeech20_speakers(shared_data, tmp_pat
     corpus = shared_data / "dspspeech20"
     ready = tmp_path / "pretrained"  # profiles are written beside the model: never into the repo
     shutil.copytree(configuration.READY_MODEL, ready, ignore=shutil.ignore_patterns("profiles"))
-    saved = json.loads((ready / "config.json").read_text())
+    split = configuration.load_config(ready / "config.json")["data"]
     tree = corpora.find_utterances(corpus)
-    _, unseen = data_preprocess.split_speakers(sorted(tree), saved["test_ratio"], saved["seed"])
+    _, unseen = data_preprocess.split_speakers(sorted(tree), split["test_ratio"], split["seed"])
     # The model card's dspspeech20 evaluation (5 speakers never in training) used these speakers.
     trials = (REPO / "Results" / "pretrained" / "dspspeech20_trials_same_word.txt").read_text()
     assert sorted({path.split("/")[0] for line in trials.splitlines()
