@@ -125,37 +125,41 @@ WORD_CORPORA=(speechcommands arabic dspspeech20)
 # simulated room with noise. Read speech keeps utterances of at least 40 voiced frames (0.4 s),
 # words and digits 20.
 preprocess_corpora() {
-  local dir=$1 corpus min_frames speed
+  local dir=$1 corpus speed
   shift
   (($#)) || set -- "${TI_CORPORA[@]}" "${WORD_CORPORA[@]}" fsdd
   for corpus in "$@"; do
-    min_frames=20 speed=(--speed_perturb 0.9 1.1)
-    [[ " ${TI_CORPORA[*]} " == *" $corpus "* ]] && min_frames=40
+    speed=(--speed_perturb 0.9 1.1)
     [[ $corpus == fsdd ]] && speed=()
     preprocess --audio_path "$DATA/$corpus" --train_path "$dir/$corpus/train_aug" \
       --test_path "$dir/$corpus/test" --workers "$WORKERS" "${speed[@]}" --augment 2 \
-      --min_frames "$min_frames"
+      --min_frames "$(min_frames_of "$corpus")"
   done
+}
+
+# min_frames_of CORPUS: the fewest voiced frames an utterance of CORPUS keeps (read speech 40).
+min_frames_of() {
+  if [[ " ${TI_CORPORA[*]} " == *" $1 "* ]]; then echo 40; else echo 20; fi
 }
 
 # The flags shared by the ready model and the leave-one-out runs (its 5,000-step version).
 TISV_FLAGS=(--N 16 --M 10 --optim adam --lr 1e-3 --beta1 0.9 --beta2 0.999)
 
-# test_on CORPUS DIR MODEL RESULTS COHORT: the model card's test of CORPUS's test speakers
-# (split in DIR): speechocean762 and LibriSpeech all pairs, speechocean762 also the
+# test_on CORPUS DIR MODEL RESULTS COHORT [SPLIT]: the model card's test of CORPUS's speakers in
+# DIR/CORPUS/SPLIT (default test): speechocean762 and LibriSpeech all pairs and the
 # similarity-matrix test (which sets the model's operating threshold); Common Voice its
 # same-language pairs; Speech Commands and the Arabic digits their same-word pairs; dspspeech20
 # the same-word pairs listed in Results/pretrained. COHORT (training folders) is AS-norm's cohort.
 test_on() {
-  local corpus=$1 dir=$2 model=$3 results=$4 cohort=$5
+  local corpus=$1 dir=$2 model=$3 results=$4 cohort=$5 split=${6:-test}
   local trials=()
   case $corpus in
     speechocean762 | librispeech) ;;
     commonvoice)
-      trials=(--trials "$dir/commonvoice/test/trials_same_language.txt"
+      trials=(--trials "$dir/commonvoice/$split/trials_same_language.txt"
         --audio_path "$DATA/commonvoice") ;;
     speechcommands | arabic)
-      trials=(--trials "$dir/$corpus/test/trials_same_text.txt" --audio_path "$DATA/$corpus") ;;
+      trials=(--trials "$dir/$corpus/$split/trials_same_text.txt" --audio_path "$DATA/$corpus") ;;
     dspspeech20)
       trials=(--trials Results/pretrained/dspspeech20_trials_same_word.txt
         --audio_path "$DATA/dspspeech20") ;;
@@ -163,6 +167,6 @@ test_on() {
       say "test_on: no test of corpus '$corpus'"
       return 2 ;;
   esac
-  evaluate --model_path "$model" --train_path "$cohort" --test_path "$dir/$corpus/test" \
+  evaluate --model_path "$model" --train_path "$cohort" --test_path "$dir/$corpus/$split" \
     "${trials[@]}" --results_path "$results"
 }

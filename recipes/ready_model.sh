@@ -51,12 +51,11 @@ stage_evaluate() {
 # The AS-norm cohort shipped beside the model (cohort.npz): one speaker model for each real
 # training speaker of the seven corpora, from its recorded utterances alone.
 stage_cohort() {
-  local model=${MODEL:-$RUN/model} corpus folders=() min_frames
+  local model=${MODEL:-$RUN/model} corpus folders=()
   for corpus in "${TI_CORPORA[@]}" "${WORD_CORPORA[@]}" fsdd; do
-    min_frames=20
-    [[ " ${TI_CORPORA[*]} " == *" $corpus "* ]] && min_frames=40
     preprocess --audio_path "$DATA/$corpus" --train_path "$D/$corpus/train" \
-      --test_path "$D/cohort_test/$corpus" --workers "$WORKERS" --min_frames "$min_frames"
+      --test_path "$D/cohort_test/$corpus" --workers "$WORKERS" \
+      --min_frames "$(min_frames_of "$corpus")"
     folders+=("$D/$corpus/train")
   done
   run "$PYTHON" main.py --cohort --model_path "$model" --train_path "$(IFS=,; echo "${folders[*]}")"

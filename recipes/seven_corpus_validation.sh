@@ -75,25 +75,14 @@ stage_train() {
 }
 
 stage_evaluate() {
-  local probe seed flags model results cohort
+  local probe seed flags corpus
   for probe in $PROBES; do
     read -r -a flags <<<"$(probe_flags "$probe")"
-    cohort=${flags[1]}  # the probe's --train_path: its training speakers
     for seed in $SEEDS; do
-      model=$RUN/${probe}_s$seed/model
-      results=$RUN/${probe}_s$seed/results
-      evaluate --model_path "$model" --train_path "$cohort" --test_path "$D/speechocean762/val" \
-        --results_path "$results/speechocean762"
-      evaluate --model_path "$model" --train_path "$cohort" --test_path "$D/commonvoice/val" \
-        --trials "$D/commonvoice/val/trials_same_language.txt" \
-        --audio_path "$DATA/commonvoice" --results_path "$results/commonvoice"
-      evaluate --model_path "$model" --train_path "$cohort" --test_path "$D/librispeech/val" \
-        --results_path "$results/librispeech"
-      local corpus
-      for corpus in speechcommands arabic; do
-        evaluate --model_path "$model" --train_path "$cohort" --test_path "$D/$corpus/val" \
-          --trials "$D/$corpus/val/trials_same_text.txt" --audio_path "$DATA/$corpus" \
-          --results_path "$results/$corpus"
+      for corpus in "${CORPORA[@]}"; do
+        # Cohort: the probe's --train_path, its training speakers.
+        test_on "$corpus" "$D" "$RUN/${probe}_s$seed/model" \
+          "$RUN/${probe}_s$seed/results/$corpus" "${flags[1]}" val
       done
     done
   done
